@@ -1,0 +1,346 @@
+"""Typed, validated configuration for every GEMS-SR job.
+
+One YAML file (under ``pipelines/configs/``) holds the sections below; ``--set a.b=value`` overrides
+any field. Validation happens at load time so a bad value fails in seconds, naming the field, the
+value and the allowed range, instead of hours later inside a Ray worker.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PROJECT_ROOT / "pipelines" / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names every offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "events", "qilin", "amazon"] = Field(
+        "synthetic", description="Where raw logs come from: the simulator, contract-format event "
+        "files (JSONL/Parquet, optionally dt=YYYY-MM-DD partitioned), Qilin CSVs or Amazon LC-Rec JSON.")
+    path: str | None = Field(None, description="Input events (file or directory); for synthetic, "
+                             "where simulated logs are written. Relative paths resolve against state_dir.")
+    items_path: str | None = Field(None, description="Item table (JSONL/Parquet) for source=events.")
+    output_dir: str = Field("shards", description="Where prompt shards, quarantine and manifest go "
+                            "(relative to state_dir).")
+    synthetic_users: int = Field(200, ge=1, le=10_000_000, description="Simulated users.")
+    synthetic_items: int = Field(300, ge=2, le=1_000_000, description="Simulated catalog size.")
+    synthetic_days: int = Field(1, ge=1, le=365, description="Simulated day partitions.")
+    synthetic_events_per_user_day: float = Field(
+        12.0, gt=0, le=1000, description="Mean events per user per day in the simulator.")
+    seed: int = Field(0, ge=0, description="Seed for simulation, subsetting and negative sampling.")
+    max_users: int | None = Field(None, ge=1, description="Seeded user subset (None = all users).")
+    history_len: int = Field(10, ge=1, le=200, description="H: previous clicked items in a prompt.")
+    title_max_words: int = Field(6, ge=0, le=64, description="Words of each history item's title "
+                                 "shown beside its token (0 = tokens only).")
+    query_max_chars: int = Field(256, ge=8, le=100_000, description="Longer queries are truncated "
+                                 "(and counted in the manifest).")
+    future_ts_tolerance_s: int = Field(86_400, ge=0, description="Events later than now + this are "
+                                       "quarantined as ts_in_future.")
+    split_mode: Literal["leave_one_out", "time_cut"] = Field(
+        "leave_one_out", description="leave_one_out: per user and task, last -> test, second-last "
+        "-> val. time_cut: train <= cut_day - 1, test on cut_day.")
+    cut_day: str | None = Field(None, pattern=r"^\d{4}-\d{2}-\d{2}$",
+                                description="Day (YYYY-MM-DD) evaluated in time_cut mode.")
+    num_buckets: int = Field(16, ge=1, le=100_000, description="User hash buckets for per-user "
+                             "sequence building (polars inside map_batches).")
+    amazon_search_share: float = Field(0.5, ge=0, le=1, description="Share of Amazon interactions "
+                                       "turned into search events (query from category + title).")
+
+    @model_validator(mode="after")
+    def _time_cut_needs_day(self) -> DataConfig:
+        if self.split_mode == "time_cut" and self.cut_day is None:
+            raise ValueError("data.cut_day is required when data.split_mode is time_cut")
+        return self
+
+
+class TinyLlamaConfig(_Section):
+    hidden_size: int = Field(64, ge=8, le=4096, description="Tiny test model width.")
+    intermediate_size: int = Field(128, ge=8, le=16384, description="Tiny test model MLP width.")
+    num_hidden_layers: int = Field(2, ge=1, le=64, description="Tiny test model depth.")
+    num_attention_heads: int = Field(4, ge=1, le=64, description="Attention heads.")
+    num_key_value_heads: int = Field(2, ge=1, le=64, description="KV heads (GQA).")
+    seed: int = Field(0, ge=0, description="Seed of the random initialisation.")
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(..., min_length=1, description="A local Hugging Face causal-LM "
+                              "directory, 'smollm2-135m' (embedded GGUF, cached as safetensors) or "
+                              "'tiny-llama' (random, for tests).")
+    cache_dir: str = Field("cache/models", description="Dequantized backbone cache (relative to "
+                           "state_dir).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
+    tiny: TinyLlamaConfig = Field(default_factory=TinyLlamaConfig,
+                                  description="Shape of the tiny-llama test model.")
+
+    @model_validator(mode="after")
+    def _path_exists(self) -> ModelConfig:
+        if self.name_or_path not in ("smollm2-135m", "tiny-llama"):
+            if not Path(self.name_or_path).expanduser().is_dir():
+                raise ValueError(f"model.name_or_path: {self.name_or_path!r} is neither "
+                                 "'smollm2-135m', 'tiny-llama' nor an existing model directory")
+        return self
+
+
+class GateWeights(_Section):
+    loss: float = Field(0.4, ge=0, le=1, description="Weight of each task's share of the loss.")
+    grad_norm: float = Field(0.4, ge=0, le=1, description="Weight of the gradient-norm share.")
+    samples: float = Field(0.2, ge=0, le=1, description="Weight of the sample share.")
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> GateWeights:
+        if self.loss + self.grad_norm + self.samples <= 0:
+            raise ValueError("gems.gate_weights: at least one weight must be > 0")
+        return self
+
+
+class GEMSConfig(_Section):
+    method: Literal["gems", "adamw", "lora", "galore"] = Field(
+        "gems", description="Optimizer/method; baselines share data, prompts and evaluation.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj"],
+        min_length=1, description="Name suffixes of the decoder nn.Linear weights GEMS projects.")
+    r_shared: int = Field(16, ge=1, le=65_536, description="Rank of the shared subspace "
+                          "(clamped to min(m, n) per weight).")
+    r_search: int | None = Field(None, ge=1, le=65_536, description="Search subspace rank "
+                                 "(default r_shared // 2).")
+    r_rec: int | None = Field(None, ge=1, le=65_536, description="Rec subspace rank (default "
+                              "r_shared // 2).")
+    task_subspaces: bool = Field(True, description="False = single shared subspace (ablation).")
+    complementary: bool = Field(True, description="Task bases computed from gradients with the "
+                                "shared component removed (orthogonal to the shared basis).")
+    t_svd: int = Field(200, ge=1, le=1_000_000, description="Steps between SVD basis refreshes.")
+    moment_transfer: Literal["rotate", "keep", "reset"] = Field(
+        "rotate", description="What happens to subspace Adam moments on a basis refresh.")
+    alpha: float = Field(1.0, gt=0, le=1000, description="Scale of back-projected updates.")
+    tau: float = Field(1.0, gt=0, le=1e6, description="Gate temperature: softmax(z / tau).")
+    gate_weights: GateWeights = Field(default_factory=GateWeights,
+                                      description="How the gate logits z mix task statistics.")
+    fixed_gate: float | None = Field(None, ge=0, le=1, description="Ablation: fixed search gate "
+                                     "(rec gets 1 - it) instead of the adaptive gate.")
+    k: int = Field(32, ge=0, le=65_536, description="Protected general-domain directions per "
+                   "layer (0 = no null-space projection); must be <= the layer's side dimension.")
+    energy: float | None = Field(None, gt=0, lt=1, description="Instead of k: smallest k whose "
+                                 "eigenvalues hold this share of the covariance energy.")
+    nullspace_side: Literal["input", "output"] = Field("input", description="Protect the input "
+                                                       "activation span (default) or output span.")
+    general_corpus: str | None = Field(None, description="General-domain text for U_k; None = "
+                                       "wikitext-2 valid from shared data if present, else text "
+                                       "the base model generates from fixed prompts (cached).")
+    general_max_tokens: int = Field(16_384, ge=128, le=100_000_000,
+                                    description="Tokens of general text used to estimate U_k.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0, le=1, description="Adam epsilon.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Decoupled weight decay; on GEMS "
+                                "target weights it is projected so the null-space invariant holds.")
+    lora_r: int = Field(16, ge=1, le=4096, description="LoRA rank (method=lora).")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (method=lora).")
+    galore_scale: float = Field(0.25, gt=0, le=100, description="GaLore scale (method=galore); "
+                                "its rank is r_shared and its update gap t_svd.")
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> GEMSConfig:
+        for i, b in enumerate(self.betas):
+            if not 0 <= b < 1:
+                raise ValueError(f"gems.betas[{i}]: {b} is outside [0, 1)")
+        return self
+
+    @property
+    def rank_search(self) -> int:
+        return self.r_search or max(1, self.r_shared // 2)
+
+    @property
+    def rank_rec(self) -> int:
+        return self.r_rec or max(1, self.r_shared // 2)
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers.")
+    use_gpu: bool = Field(False, description="GPU actors (production) or CPU workers (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024, description="CPUs reserved per worker.")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto probes bf16 "
+                                                       "autocast speed at start-up and records it.")
+    lr: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps before cosine decay.")
+    max_steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps per run.")
+    batch_size: int = Field(8, ge=2, le=65_536, description="Examples per optimizer step (both "
+                            "tasks together, per worker, before accumulation).")
+    search_fraction: float = Field(0.5, gt=0, lt=1, description="Share of each batch drawn from "
+                                   "search examples; the rest are rec.")
+    grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (None = off).")
+    max_seq_len: int = Field(256, ge=16, le=131_072, description="Prompts are left-truncated to "
+                             "this many tokens.")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
+    report_every: int = Field(10, ge=1, description="Steps between metric reports.")
+    eval_every: int | None = Field(None, ge=1, description="Steps between val evaluations "
+                                   "(None = only at the end).")
+    max_failures: int = Field(2, ge=0, le=100, description="Worker failures tolerated (resume "
+                              "from the last checkpoint).")
+    fail_at_step: int | None = Field(None, ge=1, description="Fault injection for tests: rank 0 "
+                                     "dies once at this step.")
+    seed: int = Field(0, ge=0, description="Training seed.")
+    storage_path: str = Field("ray_results", description="Checkpoints (relative to state_dir, or "
+                              "s3://, or an NFS path on clusters).")
+
+
+class EvalConfig(_Section):
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1,
+                          description="K for Hit@K (NDCG uses those >= 5).")
+    num_negatives: int = Field(99, ge=1, le=100_000, description="Sampled negatives per target "
+                               "in the sampled protocol.")
+    mask_history_rec: bool = Field(True, description="Exclude items already in the history from "
+                                   "rec rankings.")
+    max_examples: int | None = Field(None, ge=1, description="Cap on evaluated examples per task "
+                                     "and split (seeded subset).")
+    batch_size: int = Field(16, ge=1, le=4096, description="Prompts per scoring forward pass.")
+    retention: bool = Field(True, description="Measure general-domain retention vs the base model.")
+    retention_max_tokens: int = Field(4096, ge=64, description="Tokens of held-out general text "
+                                      "for perplexity and KL.")
+    mmlu_questions: int = Field(100, ge=0, description="Seeded MMLU-Redux subset size (0 = skip).")
+
+
+class SearchRange(_Section):
+    low: float = Field(..., description="Lower bound.")
+    high: float = Field(..., description="Upper bound.")
+    log: bool = Field(False, description="Sample on a log scale.")
+    integer: bool = Field(False, description="Sample integers.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchRange:
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} > high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got {self.low}")
+        return self
+
+
+class TuneConfig(_Section):
+    num_samples: int = Field(4, ge=1, le=100_000, description="Trials in the sweep.")
+    max_concurrent: int | None = Field(None, ge=1, description="Concurrent trials (None = from "
+                                       "cluster CPUs / trial CPUs).")
+    algorithm: Literal["tpe", "nsga2"] = Field("tpe", description="TPE on the unified metric, or "
+                                               "multi-objective NSGA-II on search vs rec.")
+    asha_grace_period: int = Field(1, ge=1, description="Reports before ASHA may stop a trial.")
+    asha_reduction_factor: float = Field(2.0, gt=1, description="ASHA reduction factor.")
+    space: dict[str, SearchRange] = Field(default_factory=dict, description="Search space: "
+                                          "gems.* or train.* field -> range.")
+    study_storage: str | None = Field(None, description="Optuna RDB URL for a resumable study "
+                                      "(None = sqlite under state_dir).")
+
+
+class MLflowConfig(_Section):
+    tracking_uri: str | None = Field(None, description="Overrides MLFLOW_TRACKING_URI; None = env "
+                                     "var, else sqlite:///<state_dir>/mlflow.db.")
+    experiment: str = Field("gems-sr", min_length=1, description="Experiment name.")
+    registered_model: str = Field("gems-sr", min_length=1, description="Registry name of the "
+                                  "unified model.")
+    top_k: int = Field(10, ge=1, le=10_000, description="Items returned by the served model.")
+
+
+class NightlyConfig(_Section):
+    tolerance: float = Field(0.005, ge=0, le=1, description="Challenger may be this much worse on "
+                             "the unified metric and still be promoted.")
+    retention_tolerance: float = Field(0.05, ge=0, description="Allowed relative perplexity "
+                                       "increase vs the champion.")
+    sweep: bool = Field(False, description="Small sweep instead of the champion's params.")
+    max_steps: int | None = Field(None, ge=1, description="Fine-tuning steps (None = train.max_steps).")
+
+
+class Config(_Section):
+    name: str = Field("gems-sr", min_length=1, description="Run name prefix.")
+    state_dir: str = Field(".state", description="Absolute or project-relative root for data, "
+                           "caches, MLflow DB and checkpoints.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig
+    gems: GEMSConfig = Field(default_factory=GEMSConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    nightly: NightlyConfig = Field(default_factory=NightlyConfig)
+
+    @property
+    def state_path(self) -> Path:
+        """Absolute state dir: never relative to Ray's unpacked working_dir."""
+        p = Path(self.state_dir).expanduser()
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+    def resolve(self, relative: str) -> Path:
+        """A path from the config: absolute as given, else under the state dir."""
+        p = Path(relative).expanduser()
+        return p if p.is_absolute() else self.state_path / p
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], yaml-typed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"bad override {text!r}: expected section.field=value, "
+                          "e.g. --set gems.tau=0.5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"bad override {text!r}: value is not valid YAML ({err})") from err
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"bad override {text!r}: {key} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<config>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{field}: unknown key (check spelling; see gems/config.py)")
+        elif e["type"] == "missing":
+            lines.append(f"{field}: required field is missing")
+        else:
+            lines.append(f"{field}: value {e.get('input')!r} is invalid: {e['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    raw = apply_overrides(dict(raw), list(overrides or []))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (a bare name looks in pipelines/configs/) and apply ``--set`` overrides."""
+    p = Path(path)
+    if not p.exists() and (CONFIG_DIR / p).exists():
+        p = CONFIG_DIR / p
+    if not p.exists() and (CONFIG_DIR / f"{p}.yaml").exists():
+        p = CONFIG_DIR / f"{p}.yaml"
+    if not p.exists():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    return config_from_dict(raw, overrides)
