@@ -1,0 +1,244 @@
+"""One training step: per-task backward passes, clipping, optimizer step, statistics.
+
+The mixed-batch loss is the token-mean cross-entropy over all target tokens of both tasks,
+``L = (sum CE_search + sum CE_rec) / (N_s + N_r) = w_s L_s + w_r L_r`` with ``w_x = N_x / (N_s + N_r)``
+(N = target tokens; one per example in our data). Each micro-batch of task x is back-propagated
+with loss ``sum CE / (N_s + N_r)``: after the search passes ``.grad`` holds ``w_s g_s``, after the rec
+passes it holds the mixed-batch gradient ``g_sh``. Two passes per step (one per task's
+sub-batch, times its micro-batches), never a third. GEMS takes each task's part between the
+passes (:meth:`gems.optim.GEMSAdamW.capture_task_grad`).
+
+Under DDP (``model`` wrapped in DistributedDataParallel) token counts are summed over ranks first
+and each rank scales its loss by ``world_size / N_global``, so DDP's gradient average is the
+gradient of the global mixed loss; micro-batches other than each task's last run under
+``no_sync``. Every rank must see the same micro-batch structure (``gems.batching`` ensures it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gems.conflict import ConflictSummary, cosine, summarize
+from gems.gate import TASKS
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """A left-padded micro-batch of one task: labels are -100 except at target tokens."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        shapes = {tuple(self.input_ids.shape), tuple(self.attention_mask.shape), tuple(self.labels.shape)}
+        if len(shapes) != 1 or self.input_ids.dim() != 2:
+            got = [tuple(t.shape) for t in (self.input_ids, self.attention_mask, self.labels)]
+            raise ValueError(f"TaskBatch tensors must share one [batch, seq] shape, got {got}")
+
+    @property
+    def target_tokens(self) -> int:
+        """Tokens that carry a loss (labels are shifted by one inside the model's causal LM loss)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class StepStats:
+    """What one step did, for logging (MLflow via the training loop) and for tests."""
+
+    loss: dict[str, float]
+    samples: dict[str, int]
+    grad_norm: float
+    gate: dict[str, float] = field(default_factory=dict)
+    conflict_before: ConflictSummary | None = None
+    conflict_after: ConflictSummary | None = None
+    svd_refresh: bool = False
+
+    @property
+    def mixed_loss(self) -> float:
+        total = sum(self.samples.values())
+        return sum(self.loss[t] * self.samples[t] for t in self.loss) / total if total else math.nan
+
+    def as_metrics(self) -> dict[str, float]:
+        """Flat name -> value dict (what gets logged per step)."""
+        out: dict[str, float] = {"loss": self.mixed_loss, "grad_norm": self.grad_norm,
+                                 "svd_refresh": float(self.svd_refresh)}
+        out.update({f"loss_{t}": v for t, v in self.loss.items()})
+        out.update({f"samples_{t}": float(v) for t, v in self.samples.items()})
+        out.update({f"gate_{t}": v for t, v in self.gate.items()})
+        for when, summary in (("before", self.conflict_before), ("after", self.conflict_after)):
+            if summary is not None:
+                out[f"conflict_{when}_mean_rho"] = summary.mean_rho
+                out[f"conflict_{when}_share_negative"] = summary.share_negative
+        return out
+
+
+class _HasOptimizer(Protocol):
+    optimizer: torch.optim.Optimizer
+    conflict_params: dict[str, nn.Parameter]
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce_sum(values: Tensor) -> Tensor:
+    if _world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    params = inspect.signature(model.forward).parameters
+    return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def task_ce_sum(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dtype | None = None) -> Tensor:
+    """Summed next-token cross-entropy over the batch's target tokens (fp32 scalar with grad).
+
+    Position ids skip the left padding (as in scoring), and the LM head runs only at positions
+    that predict a target (``logits_to_keep``), so the big-vocabulary logits stay small.
+    """
+    device = _device(model)
+    ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    shifted = batch.labels[:, 1:].to(device)
+    keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids,
+                              "use_cache": False}
+    sliced = _accepts_logits_to_keep(model) and keep.numel() > 0
+    if sliced:
+        kwargs["logits_to_keep"] = keep
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    with autocast:
+        logits = model(**kwargs).logits
+    targets = shifted[:, keep] if sliced else shifted
+    if not sliced:
+        logits = logits[:, :-1]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _micro_context(model: nn.Module, index: int, count: int) -> contextlib.AbstractContextManager:
+    """DDP: sync gradients only on each task's last micro-batch."""
+    if hasattr(model, "no_sync") and index < count - 1:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _token_counts(batches: Mapping[str, Sequence[TaskBatch]]) -> dict[str, int]:
+    local = torch.tensor([sum(b.target_tokens for b in batches.get(t, ())) for t in TASKS],
+                         dtype=torch.float64)
+    total = _all_reduce_sum(local)
+    return {t: int(total[i]) for i, t in enumerate(TASKS)}
+
+
+def train_step(model: nn.Module, method: Any, batches: Mapping[str, Sequence[TaskBatch]],
+               max_grad_norm: float | None = None, autocast_dtype: torch.dtype | None = None,
+               measure_conflict: bool = True) -> StepStats:
+    """One optimizer step on ``batches`` (task -> micro-batches); returns its statistics.
+
+    ``model`` is what runs forward (possibly DDP-wrapped); ``method`` is a
+    :class:`gems.baselines.Method`, a :class:`gems.optim.GEMSAdamW` or any torch optimizer over
+    ``model``'s parameters. ``measure_conflict=False`` skips the conflict coefficient (GEMS then keeps
+    no extra full-size gradient on steps without an SVD refresh); loops pass it on logging steps.
+    """
+    from gems.optim import GEMSAdamW  # local: optim imports this module's siblings only
+
+    unknown = set(batches) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown task(s) in batches: {sorted(unknown)}; expected {TASKS}")
+    optimizer = method if isinstance(method, torch.optim.Optimizer) else method.optimizer
+    conflict_params: dict[str, nn.Parameter] = getattr(method, "conflict_params", {}) or {}
+    gems = isinstance(optimizer, GEMSAdamW)
+    counts = _token_counts(batches)
+    total = sum(counts.values())
+    if total == 0:
+        raise ValueError("train_step: the batches hold no target tokens (all labels are -100)")
+    scale = _world_size() / total
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    ce_sums = torch.zeros(len(TASKS), dtype=torch.float64)
+    stash: dict[str, Tensor] = {}
+    rhos: dict[str, float] = {}
+    for i, task in enumerate(TASKS):
+        micro = list(batches.get(task, ()))
+        for j, batch in enumerate(micro):
+            with _micro_context(model, j, len(micro)):
+                ce = task_ce_sum(model, batch, autocast_dtype)
+                (ce * scale).backward()
+            ce_sums[i] += float(ce.detach())
+        if counts[task] == 0:
+            continue
+        if gems:
+            optimizer.capture_task_grad(task, keep_full=measure_conflict)
+        elif measure_conflict and conflict_params:
+            if not stash:
+                stash = _take_grads(conflict_params)
+            else:
+                rhos = _conflict_and_restore(conflict_params, stash)
+    ce_sums = _all_reduce_sum(ce_sums)
+    losses = {t: float(ce_sums[i]) / counts[t] for i, t in enumerate(TASKS) if counts[t] > 0}
+    samples = {t: counts[t] for t in TASKS if counts[t] > 0}
+    if gems:
+        optimizer.set_task_stats(losses, samples)
+        grad_norm = optimizer.clip_grad_norm_(max_grad_norm)
+        optimizer.step()
+        report = optimizer.last_report
+        return StepStats(loss=losses, samples=samples, grad_norm=grad_norm, gate=report.gate,
+                         conflict_before=report.conflict_before, conflict_after=report.conflict_after,
+                         svd_refresh=report.refreshed)
+    if stash and not rhos:  # one task only: put its gradient back
+        _restore(conflict_params, stash)
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf))
+    optimizer.step()
+    return StepStats(loss=losses, samples=samples, grad_norm=grad_norm,
+                     conflict_before=summarize(rhos) if rhos else None)
+
+
+def _take_grads(params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
+    """Move the first task's gradients aside so the second task's passes start from zero."""
+    out = {}
+    for name, p in params.items():
+        if p.grad is not None:
+            out[name] = p.grad
+            p.grad = None
+    return out
+
+
+def _restore(params: Mapping[str, nn.Parameter], stash: Mapping[str, Tensor]) -> None:
+    for name, g in stash.items():
+        p = params[name]
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+
+
+def _conflict_and_restore(params: Mapping[str, nn.Parameter],
+                          stash: Mapping[str, Tensor]) -> dict[str, float]:
+    """cos(g_search, g_rec) per parameter, then ``.grad`` = their sum (the mixed gradient)."""
+    rhos = {name: cosine(stash[name], p.grad) for name, p in params.items()
+            if name in stash and p.grad is not None}
+    _restore(params, stash)
+    return rhos

@@ -1,0 +1,101 @@
+"""Low-rank gradient subspaces: basis from an SVD, projection into it and back (GaLore-style sides).
+
+A weight ``W`` (m x n) gets a *left* basis ``Q`` (m x r, ``R = Q^T G``) when m < n, else a *right*
+basis (n x r, ``R = G Q``): the basis always lives on the smaller side, so the optimizer state
+``R`` is r x max(m, n). Bases are plain tensors (the optimizer state holds them); ``Subspace`` is a
+thin view that knows which side they act on.
+
+Signs of singular vectors are arbitrary; bases are made canonical (the largest-magnitude entry
+of each column is positive) so that two ranks, two devices or two precisions that compute the
+same subspace also get the same coordinates, which the moment transfer and DDP rely on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+Side = Literal["left", "right"]
+
+
+def basis_side(m: int, n: int) -> Side:
+    """Left basis (over the m rows) when m < n, else right (over the n columns), as GaLore."""
+    return "left" if m < n else "right"
+
+
+def canonical_signs(q: Tensor) -> Tensor:
+    """Flip columns so that each one's largest-magnitude entry is positive (deterministic bases)."""
+    idx = q.abs().argmax(dim=0, keepdim=True)
+    signs = torch.sign(q.gather(0, idx))
+    signs[signs == 0] = 1
+    return q * signs
+
+
+@dataclass(frozen=True)
+class Subspace:
+    """An orthonormal basis ``q`` (d x r) on one side of an m x n weight."""
+
+    q: Tensor
+    side: Side
+
+    def project(self, g: Tensor) -> Tensor:
+        """Coordinates of ``g`` in the subspace: r x n (left) or m x r (right)."""
+        return self.q.T @ g if self.side == "left" else g @ self.q
+
+    def back(self, r: Tensor) -> Tensor:
+        """Full-size matrix from coordinates (the adjoint of :meth:`project`)."""
+        return self.q @ r if self.side == "left" else r @ self.q.T
+
+    def remove_from(self, g: Tensor) -> Tensor:
+        """``g`` with its component in this subspace removed: (I - Q Q^T) g or g (I - Q Q^T)."""
+        return g - self.back(self.project(g))
+
+
+def top_basis(g: Tensor, rank: int, side: Side, orthogonal_to: Tensor | None = None) -> Tensor:
+    """Top-``rank`` singular vectors of ``g`` on ``side`` (float32 SVD), canonical signs.
+
+    With ``orthogonal_to`` (an orthonormal d x r0 basis on the same side), the component of ``g``
+    in that subspace is removed first (complementary task subspaces); the result is then
+    re-orthogonalised against it so that ``orthogonal_to^T Q = 0`` holds to float precision even
+    when ``g`` has fewer than ``rank`` non-zero singular values left.
+    """
+    g32 = g.float()
+    if orthogonal_to is not None:
+        g32 = Subspace(orthogonal_to, side).remove_from(g32)
+    u, _, vh = torch.linalg.svd(g32, full_matrices=False)
+    q = u[:, :rank] if side == "left" else vh[:rank].T
+    if orthogonal_to is not None:
+        q = q - orthogonal_to @ (orthogonal_to.T @ q)
+        q = torch.linalg.qr(q).Q
+    return canonical_signs(q).contiguous()
+
+
+def clamp_rank(requested: int, available: int, field: str, where: str) -> int:
+    """``min(requested, available)``, logging a warning that names the field when it clamps."""
+    if requested > available:
+        log.warning("%s=%d exceeds what %s allows (%d); clamped to %d", field, requested, where,
+                    available, available)
+        return available
+    return requested
+
+
+def transfer_moments(m: Tensor, v: Tensor, q_old: Tensor, q_new: Tensor, side: Side) -> tuple[Tensor, Tensor]:
+    """Re-express Adam moments from the old basis in the new one (``moment_transfer: rotate``).
+
+    The first moment is linear in the gradient, so it rotates exactly: ``M' = C M`` (left) or
+    ``M C^T`` (right) with ``C = Q_new^T Q_old``. The second moment holds per-coordinate squares,
+    which no rotation preserves; we use ``V' = (C * C) V``, the second moment of the rotated
+    coordinates if the old ones were uncorrelated with zero mean. It keeps ``V`` on the right
+    scale (a reset would make the first post-refresh steps take sign-like, full-size moves)
+    and stays non-negative. Directions new to the subspace get ``M' = V' = 0`` from both.
+    """
+    c = q_new.T @ q_old
+    if side == "left":
+        return c @ m, (c * c) @ v
+    return m @ c.T, v @ (c * c).T
