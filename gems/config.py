@@ -72,6 +72,18 @@ class TinyLlamaConfig(_Section):
     num_attention_heads: int = Field(4, ge=1, le=64, description="Attention heads.")
     num_key_value_heads: int = Field(2, ge=1, le=64, description="KV heads (GQA).")
     seed: int = Field(0, ge=0, description="Seed of the random initialisation.")
+    tie_word_embeddings: bool = Field(True, description="Share input embeddings and LM head (as "
+                                      "SmolLM2 does); False exercises the untied-head code paths.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyLlamaConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"model.tiny.hidden_size {self.hidden_size} must be divisible by "
+                             f"model.tiny.num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"model.tiny.num_attention_heads {self.num_attention_heads} must be "
+                             f"divisible by model.tiny.num_key_value_heads {self.num_key_value_heads}")
+        return self
 
 
 class ModelConfig(_Section):
