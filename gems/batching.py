@@ -1,0 +1,168 @@
+"""Mixed-task batches: every optimizer step sees both tasks, in a fixed ratio, reproducibly.
+
+GEMS needs a search and a rec gradient at every step (a step without one task gives it a zero
+gate), so batches are drawn per task, not from a shuffled union. Each task's examples form an
+endless stream of seeded per-epoch permutations; step ``t`` takes the next ``n_task * world_size``
+examples of each stream and rank ``r`` keeps its slice. Everything is a pure function of
+(seed, step, rank, world size, example counts), so:
+
+- a run resumed at step ``t`` sees exactly the batches an uninterrupted run would;
+- every rank has the same micro-batch structure (same counts per task), so the collective
+  all-reduces of DDP line up even when one task is rarer than the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, overload
+
+import numpy as np
+import torch
+
+from gems.step import TaskBatch
+
+TASKS: tuple[str, str] = ("search", "rec")
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One training example: prompt + target token ids, labels -100 except at the target."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.labels) or not self.input_ids:
+            raise ValueError(f"bad example: {len(self.input_ids)} input ids vs "
+                             f"{len(self.labels)} labels (must be equal and > 0)")
+
+
+RowT = TypeVar("RowT")
+
+
+class LazyEncoded(Sequence[TokenizedExample], Generic[RowT]):
+    """Tokenize rows on first use: a short run touches a fraction of a large train split."""
+
+    def __init__(self, rows: Sequence[RowT], encode: Callable[[RowT], TokenizedExample]) -> None:
+        self._rows, self._encode = rows, encode
+        self._cache: dict[int, TokenizedExample] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> TokenizedExample: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[TokenizedExample]: ...
+
+    def __getitem__(self, index: int | slice) -> TokenizedExample | Sequence[TokenizedExample]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index not in self._cache:
+            self._cache[index] = self._encode(self._rows[index])
+        return self._cache[index]
+
+
+def task_counts(batch_size: int, search_fraction: float) -> dict[str, int]:
+    """Examples per task in one step: both tasks get at least one."""
+    if batch_size < 2:
+        raise ValueError(f"train.batch_size must be >= 2 so both tasks fit, got {batch_size}")
+    if not 0 < search_fraction < 1:
+        raise ValueError(f"train.search_fraction must be in (0, 1), got {search_fraction}")
+    n_search = min(max(round(batch_size * search_fraction), 1), batch_size - 1)
+    return {"search": n_search, "rec": batch_size - n_search}
+
+
+def collate_left_padded(examples: Sequence[TokenizedExample], pad_token_id: int) -> TaskBatch:
+    """Left padding, so every prompt's last token sits at the same position (as in scoring)."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, width - n:] = torch.tensor(e.input_ids, dtype=torch.long)
+        labels[row, width - n:] = torch.tensor(e.labels, dtype=torch.long)
+        attention_mask[row, width - n:] = 1
+    return TaskBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def _split_evenly(items: Sequence[TokenizedExample], parts: int) -> list[Sequence[TokenizedExample]]:
+    bounds = np.linspace(0, len(items), min(parts, len(items)) + 1).round().astype(int)
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+class MixedTaskBatcher:
+    """Deterministic per-step batches for one rank; ``batches_at(step)`` for any step, any order."""
+
+    def __init__(self, examples: Mapping[str, Sequence[TokenizedExample]], *, batch_size: int,
+                 search_fraction: float, grad_accum: int, seed: int, pad_token_id: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        missing = [t for t in TASKS if len(examples.get(t, ())) == 0]
+        if missing:
+            raise ValueError(f"no train examples for task(s) {missing}: every step needs both "
+                             "tasks; check the train shards")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if grad_accum < 1:
+            raise ValueError(f"train.grad_accum must be >= 1, got {grad_accum}")
+        self.examples = {t: examples[t] for t in TASKS}
+        self.per_rank = task_counts(batch_size, search_fraction)
+        self.grad_accum, self.seed, self.pad_token_id = grad_accum, seed, pad_token_id
+        self.rank, self.world_size = rank, world_size
+        self._perms: dict[tuple[str, int], np.ndarray] = {}
+
+    def _permutation(self, task: str, epoch: int) -> np.ndarray:
+        key = (task, epoch)
+        if key not in self._perms:
+            seq = np.random.SeedSequence([self.seed, TASKS.index(task), epoch])
+            self._perms[key] = np.random.default_rng(seq).permutation(len(self.examples[task]))
+            # Only the current and next epoch are ever needed; keep memory flat on long runs.
+            for old in [k for k in self._perms if k[0] == task and k[1] < epoch - 1]:
+                del self._perms[old]
+        return self._perms[key]
+
+    def _stream_indices(self, task: str, start: int, count: int) -> list[int]:
+        n = len(self.examples[task])
+        return [int(self._permutation(task, i // n)[i % n]) for i in range(start, start + count)]
+
+    def indices_at(self, step: int) -> dict[str, list[int]]:
+        """Example indices (per task) this rank trains on at ``step`` (0-based)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        out = {}
+        for task, n in self.per_rank.items():
+            start = (step * self.world_size + self.rank) * n
+            out[task] = self._stream_indices(task, start, n)
+        return out
+
+    def batches_at(self, step: int) -> dict[str, list[TaskBatch]]:
+        """Per task: up to ``grad_accum`` left-padded micro-batches (fewer if the task has fewer
+        examples than micro-batches); the same structure on every rank."""
+        out = {}
+        for task, idx in self.indices_at(step).items():
+            chosen = [self.examples[task][i] for i in idx]
+            out[task] = [collate_left_padded(part, self.pad_token_id)
+                         for part in _split_evenly(chosen, self.grad_accum)]
+        return out
+
+    def position(self, step: int) -> dict[str, Any]:
+        """Data position after ``step`` completed steps, for the checkpoint (JSON-able)."""
+        pos: dict[str, Any] = {"step": step, "seed": self.seed, "world_size": self.world_size}
+        for task, n in self.per_rank.items():
+            consumed = step * self.world_size * n
+            size = len(self.examples[task])
+            pos[task] = {"epoch": consumed // size, "offset": consumed % size, "num_examples": size}
+        return pos
+
+    def resume_step(self, position: Mapping[str, Any]) -> int:
+        """The step to continue from; refuses a position taken over different data or layout."""
+        step = int(position["step"])
+        expected = self.position(step)
+        if dict(position) != expected:
+            raise ValueError(f"checkpoint data position {dict(position)} does not match this run "
+                             f"({expected}): train data, seed, batch layout or worker count "
+                             "changed, so exact resumption is impossible")
+        return step
