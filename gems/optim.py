@@ -139,10 +139,10 @@ class GEMSAdamW(torch.optim.Optimizer):
         for name, p in targets:
             if p.dim() != 2:
                 raise ValueError(f"target {name} is not a matrix (shape {tuple(p.shape)})")
-            layer = self._make_layer(name, p, warned)
-            self._layers[p] = layer
             if protect and bases is not None:
                 self._nullspace[p] = self._checked_basis(name, p, bases)
+            layer = self._make_layer(name, p, warned)
+            self._layers[p] = layer
             self._init_target_state(p, layer)
         for p in others:
             self.state[p].update(step=torch.tensor(0), exp_avg=torch.zeros_like(p, dtype=torch.float32),
@@ -162,6 +162,9 @@ class GEMSAdamW(torch.optim.Optimizer):
         m, n = p.shape
         side = basis_side(m, n)
         d = min(m, n)
+        ns = self._nullspace.get(p)
+        if ns is not None and (side == "right") == (ns.side == "input"):
+            d -= ns.u.shape[1]  # projected gradients have no component along U_k on the basis side
 
         def clamp(field_name: str, requested: int, available: int) -> int:
             key = (field_name, requested, available)
@@ -170,6 +173,9 @@ class GEMSAdamW(torch.optim.Optimizer):
                 return clamp_rank(requested, available, field_name, f"weight {name} ({m}x{n})")
             return min(requested, available)
 
+        if d < 1:
+            raise ValueError(f"gems.k={ns.u.shape[1] if ns else 0} leaves no trainable direction in "
+                             f"{name} ({m}x{n})")
         ranks = {SHARED: clamp("gems.r_shared", self.cfg.r_shared, d)}
         if self.cfg.task_subspaces:
             room = d - ranks[SHARED] if self.cfg.complementary else d
