@@ -57,6 +57,11 @@ class DataConfig(_Section):
                              "sequence building (polars inside map_batches).")
     amazon_search_share: float = Field(0.5, ge=0, le=1, description="Share of Amazon interactions "
                                        "turned into search events (query from category + title).")
+    now_ts: int | None = Field(None, ge=0, description="Reference 'now' (unix s) for the "
+                               "ts_in_future check; None = wall clock at the start of the run. Set "
+                               "it to re-run old logs reproducibly.")
+    concurrency: int = Field(2, ge=1, le=1024, description="Concurrent Ray Data tasks per "
+                             "preprocessing stage (each holds one input file or one user bucket).")
 
     @model_validator(mode="after")
     def _time_cut_needs_day(self) -> DataConfig:
