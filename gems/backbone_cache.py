@@ -98,6 +98,14 @@ def write_cache(cache_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTo
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _remove_leftovers(cache_dir: Path) -> None:
+    """Temporary dirs of builders that crashed (only lock holders write, so none is in use)."""
+    for pattern in (f".{cache_dir.name}.tmp-*", f".{cache_dir.name}.old-*"):
+        for leftover in cache_dir.parent.glob(pattern):
+            log.warning("removing leftover of an interrupted cache build: %s", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def load_or_build(cache_dir: Path, source: dict[str, Any] | None,
                   build: Callable[[], Backbone]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase,
                                                           CacheSource]:
@@ -120,6 +128,7 @@ def load_or_build(cache_dir: Path, source: dict[str, Any] | None,
             return model, tokenizer, "cache"
         except (FileNotFoundError, CorruptCacheError):
             pass
+        _remove_leftovers(cache_dir)
         model, tokenizer = build()
         write_cache(cache_dir, model, tokenizer, source or {})
     log.info("backbone cache written to %s", cache_dir)

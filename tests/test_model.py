@@ -204,10 +204,14 @@ def _cached_tiny(cache_dir: Path, tiny_cfg: Config) -> tuple[PreTrainedModel, st
 
 def test_cache_is_written_once_then_read(tiny_cfg: Config, tmp_path: Path) -> None:
     cache_dir = tmp_path / "tiny-cache"
+    crashed_build = tmp_path / ".tiny-cache.tmp-0123"  # left by a builder that was killed
+    crashed_build.mkdir()
+    (crashed_build / "model.safetensors").write_bytes(b"partial")
     built, how, builds = _cached_tiny(cache_dir, tiny_cfg)
     assert (how, len(builds)) == ("built", 1)
     assert (cache_dir / MARKER_NAME).is_file()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tiny-cache.tmp")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tiny-cache.")] == [
+        ".tiny-cache.lock"], "no temporary directories are left behind"
     cached, how, builds = _cached_tiny(cache_dir, tiny_cfg)
     assert (how, len(builds)) == ("cache", 0)
     assert _weights_equal(built, cached)
