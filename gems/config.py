@@ -274,6 +274,12 @@ class NightlyConfig(_Section):
                                        "increase vs the champion.")
     sweep: bool = Field(False, description="Small sweep instead of the champion's params.")
     max_steps: int | None = Field(None, ge=1, description="Fine-tuning steps (None = train.max_steps).")
+    history_days: int = Field(1, ge=0, le=366, description="Day partitions before the first new one "
+                              "that are re-read, for the users active in the new ones: their "
+                              "histories, and the training days when only one new day arrived.")
+    override_params: dict[str, float] = Field(
+        default_factory=dict, description="Dotted gems.*/train.* fields set on top of the champion's "
+        "hyperparameters (experiments, or tests forcing a bad challenger with train.lr).")
 
 
 class Config(_Section):
