@@ -7,11 +7,12 @@ value and the allowed range, instead of hours later inside a Ray worker.
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "pipelines" / "configs"
@@ -62,6 +63,12 @@ class DataConfig(_Section):
                                "it to re-run old logs reproducibly.")
     concurrency: int = Field(2, ge=1, le=1024, description="Concurrent Ray Data tasks per "
                              "preprocessing stage (each holds one input file or one user bucket).")
+
+    @field_validator("cut_day", mode="before")
+    @classmethod
+    def _day_as_text(cls, value: Any) -> Any:
+        """YAML (and --set) read 2025-01-02 as a date; the field holds the YYYY-MM-DD text."""
+        return value.isoformat() if isinstance(value, date) else value
 
     @model_validator(mode="after")
     def _time_cut_needs_day(self) -> DataConfig:

@@ -17,6 +17,7 @@ from gems.data.inprocess import preprocess_inprocess
 from gems.data.schema import SHARD_SCHEMA, SPLITS
 from gems.data.shards import read_items, read_manifest, read_quarantine, read_split
 from gems.paths import shared_file
+from pipelines.preprocess import main as preprocess_main
 from pipelines.stages.preprocess import run_preprocess
 
 pytestmark = pytest.mark.slow
@@ -139,3 +140,14 @@ def test_max_users_keeps_a_seeded_subset(tmp_path: Path) -> None:
     assert users.len() == 7 and manifest["users"] == 7
     assert manifest["accounting"]["rows_outside_user_subset"] > 0
     assert read_manifest(out)["fingerprint"] == manifest["fingerprint"]
+
+
+def test_cli_smoke_test_and_input_errors(tmp_path: Path, capsys) -> None:
+    assert preprocess_main(["--config", "tiny", "--smoke-test", "--set", f"state_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert '"fingerprint"' in out and str(tmp_path / "smoke" / "shards") in out
+    assert read_manifest(tmp_path / "smoke" / "shards")["examples"] > 0
+    code = preprocess_main(["--config", "tiny", "--set", f"state_dir={tmp_path}", "--set",
+                            "data.source=events", "--set", "data.path=missing", "--set",
+                            "data.items_path=missing"])
+    assert code == 2 and "data.path does not exist" in capsys.readouterr().err

@@ -52,7 +52,7 @@ def leaf_category(path: str) -> str:
 
 def build_query(title: str, category_path: str, brand: str) -> str:
     """The Amazon search query for an item (rule in the module docstring)."""
-    query = [w for w in _words(leaf_category(category_path)) if w not in STOPWORDS]
+    query = _words(leaf_category(category_path))
     brand_words = set(_words(brand))
     added = 0
     for word in _words(title):

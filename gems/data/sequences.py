@@ -9,9 +9,9 @@ frames, shifts and window expressions.
 Rules (DESIGN.md section 3):
 - only clicked events are history or targets; ``clicked=false`` impressions become the example's
   ``negative_item_ids`` (items shown to the user for the same task at the same second, not clicked);
-- the history of an example is the previous ``history_len`` clicked items of *both* tasks with a
-  strictly earlier ts, oldest first, never the target item itself (a repeat of the target is left
-  out so prompts never contain the answer);
+- the history of an example is its user's last ``history_len`` clicks of *both* tasks with a
+  strictly earlier ts, oldest first, with occurrences of the target item left out (so prompts never
+  contain the answer; such a history is shorter than H);
 - split per user and task: leave_one_out = last -> test, second-last -> val, rest -> train;
   time_cut = events of ``cut_day`` -> test, the last earlier event per user and task -> val, the
   rest earlier -> train, later days are not used (counted).
@@ -39,10 +39,6 @@ class SequenceParams:
     split_mode: str = "leave_one_out"
     cut_day: str | None = None
 
-    @property
-    def window(self) -> int:
-        """Earlier clicks inspected per example: H plus slack for left-out repeats/same-second ones."""
-        return 2 * self.history_len
 
 
 @dataclass
@@ -71,19 +67,29 @@ def _split_time_cut(cut_day: str) -> pl.Expr:
 
 
 def _histories(clicks: pl.DataFrame, params: SequenceParams) -> pl.DataFrame:
-    """history_item_ids and the joined history text, via shifts over the user-sorted frame."""
-    ids, texts = [], []
-    for k in range(params.window, 0, -1):  # oldest first
-        keep = ((pl.col("user_id").shift(k) == pl.col("user_id"))
-                & (pl.col("ts").shift(k) < pl.col("ts"))
-                & (pl.col("item_id").shift(k) != pl.col("item_id")))
-        ids.append(pl.when(keep).then(pl.col("item_id").shift(k)))
-        texts.append(pl.when(keep).then(pl.col("entry").shift(k)))
-    h = params.history_len
-    return clicks.with_columns(
-        pl.concat_list(ids).list.drop_nulls().list.tail(h).alias("history_item_ids"),
-        pl.concat_list(texts).list.drop_nulls().list.tail(h).list.join(HISTORY_SEP).alias("_history"),
+    """history_item_ids and the joined history text of every click.
+
+    In the user-sorted frame, the H clicks strictly before a click's second are the contiguous rows
+    [max(user_start, g - H), g), where g is the first row of its (user, ts) group; they are
+    gathered by index (no per-user loop), then occurrences of the target item are left out.
+    """
+    new_user = (pl.col("user_id") != pl.col("user_id").shift(1)).fill_null(True)
+    new_second = new_user | (pl.col("ts") != pl.col("ts").shift(1)).fill_null(True)
+    frame = clicks.with_columns(
+        pl.when(new_user).then(pl.col("_i")).forward_fill().alias("_start"),
+        pl.when(new_second).then(pl.col("_i")).forward_fill().alias("_second"),
     )
+    ids, texts = [], []
+    for k in range(params.history_len, 0, -1):  # oldest first
+        idx = pl.col("_second").cast(pl.Int64) - k
+        item = pl.col("item_id").gather(idx.clip(lower_bound=0))
+        keep = (idx >= pl.col("_start").cast(pl.Int64)) & (item != pl.col("item_id"))
+        ids.append(pl.when(keep).then(item))
+        texts.append(pl.when(keep).then(pl.col("entry").gather(idx.clip(lower_bound=0))))
+    return frame.with_columns(
+        pl.concat_list(ids).list.drop_nulls().alias("history_item_ids"),
+        pl.concat_list(texts).list.drop_nulls().list.join(HISTORY_SEP).alias("_history"),
+    ).drop("_start", "_second")
 
 
 def _prompt() -> pl.Expr:
