@@ -12,12 +12,27 @@ general-domain corpus and caches it.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import math
+import struct
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-from torch import Tensor
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
-from gems.subspace import Subspace
+from gems.config import GEMSConfig
+from gems.paths import shared_file
+from gems.subspace import Subspace, target_parameter_names
+
+log = logging.getLogger(__name__)
 
 NullSide = Literal["input", "output"]
 
@@ -49,3 +64,353 @@ class NullSpace:
 
     def _on_basis(self, q: Tensor) -> Tensor:
         return q - self.u @ (self.u.T @ q)
+
+
+# ------------------------------------------------------------------ estimating U_k from text
+
+#: Prompts whose greedy continuations by the base model form the general corpus of last resort
+#: (a fresh machine without wikitext and no ``gems.general_corpus``). Diverse on purpose:
+#: narrative, science, how-to, dialogue, code, lists, history, law, cooking, sport...
+GENERATION_PROMPTS: tuple[str, ...] = (
+    "Once upon a time, in a small village by the sea,",
+    "The theory of general relativity describes gravity as",
+    "To bake a simple loaf of bread, you will need",
+    "Q: What is the capital of Australia?\nA:",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "The main causes of the First World War were",
+    "Here are five tips for staying productive while working from home:\n1.",
+    "Dear hiring manager, I am writing to apply for",
+    "The human heart has four chambers, which",
+    "In economics, inflation refers to",
+    "The football match ended in a draw after",
+    "Photosynthesis is the process by which plants",
+    "A contract is legally binding when",
+    "The following is a conversation between a customer and a shop assistant.\nCustomer:",
+    "Mount Everest, the highest mountain on Earth, is located",
+    "Machine learning models are trained by",
+    "The recipe calls for two cups of flour, one egg and",
+    "Shakespeare's play Hamlet tells the story of",
+    "To change a flat tyre, first",
+    "The history of the printing press begins",
+)
+
+SEQ_LEN = 256
+COVARIANCE_BUDGET_BYTES = 512 * 2**20  # float64 covariances accumulated per pass over the corpus
+
+
+class Bases(dict[str, Tensor]):
+    """``param_name -> U_k`` plus ``info`` (corpus, side, k, cache file): what the run records."""
+
+    info: dict[str, str]
+
+    def __init__(self, data: Mapping[str, Tensor] | None = None,
+                 info: Mapping[str, str] | None = None) -> None:
+        super().__init__(data or {})
+        self.info = dict(info or {})
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.info.items()))
+
+
+@dataclass(frozen=True)
+class GeneralCorpus:
+    """General-domain text and where it came from (recorded with the run)."""
+
+    texts: list[str]
+    source: str
+
+
+def _sha(parts: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module, names: Sequence[str]) -> str:
+    """Hash of the target weights (shapes, sums and a strided sample): keys the basis cache.
+
+    Only target weights enter, so adding item tokens (which resizes embeddings) keeps the key,
+    while a fine-tuned model (different weights) never reuses the pretrained model's bases.
+    """
+    params = dict(model.named_parameters())
+
+    def parts() -> Iterable[bytes]:
+        for name in sorted(names):
+            w = params[name].detach().float().reshape(-1).cpu()
+            step = max(1, w.numel() // 256)
+            yield name.encode() + str(tuple(params[name].shape)).encode()
+            yield struct.pack("<d", float(w.double().sum())) + w[::step][:256].numpy().tobytes()
+    return _sha(parts())
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_general_texts(model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_tokens: int,
+                           prompts: Sequence[str] = GENERATION_PROMPTS) -> list[str]:
+    """The base model's greedy continuations of fixed diverse prompts (deterministic).
+
+    A repetition penalty keeps small models from looping on one phrase; decoding stays greedy.
+    """
+    new_tokens = max(8, min(256, math.ceil(max_tokens / len(prompts))))
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=enc["input_ids"].to(device),
+                         attention_mask=enc["attention_mask"].to(device), max_new_tokens=new_tokens,
+                         do_sample=False, repetition_penalty=1.2, pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    return tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def resolve_general_corpus(cfg: GEMSConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                           cache_dir: Path | None) -> GeneralCorpus:
+    """``gems.general_corpus`` if set, else wikitext-2 valid from shared data, else generated text."""
+    if cfg.general_corpus is not None:
+        path = Path(cfg.general_corpus).expanduser()
+        if not path.is_file():
+            raise ValueError(f"gems.general_corpus: {path} is not a readable text file")
+        return GeneralCorpus(_read_paragraphs(path), f"file:{path}")
+    wikitext = shared_file("general", "wikitext2", "valid.txt")
+    if wikitext is not None:
+        return GeneralCorpus(_read_paragraphs(wikitext), f"wikitext2-valid:{wikitext}")
+    names = target_parameter_names(model, cfg.target_modules)
+    key = f"{model_fingerprint(model, names)[:16]}-{cfg.general_max_tokens}"
+    cached = cache_dir / f"general-generated-{key}.json" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        return GeneralCorpus(json.loads(cached.read_text()), f"generated:{cached}")
+    texts = generate_general_texts(model, tokenizer, cfg.general_max_tokens)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps(texts))
+        tmp.replace(cached)
+    return GeneralCorpus(texts, f"generated:{cached or 'in-memory'}")
+
+
+def _read_paragraphs(path: Path) -> list[str]:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def token_windows(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, max_tokens: int,
+                  seq_len: int = SEQ_LEN) -> list[Tensor]:
+    """Concatenate documents (EOS between them) up to ``max_tokens`` and cut into windows."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens]
+    if not ids:
+        raise ValueError("the general corpus produced no tokens")
+    flat = torch.tensor(ids, dtype=torch.long)
+    return list(flat.split(seq_len))
+
+
+class _CovarianceHooks:
+    """Forward hooks that accumulate ``sum x x^T`` (float64) of chosen modules' inputs or outputs."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], side: NullSide) -> None:
+        self.side = side
+        self.sums: dict[str, Tensor] = {}
+        self.count: dict[str, int] = {}
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):  # noqa: ANN202 - a torch hook
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            x = inputs[0] if self.side == "input" else output
+            x = x.detach().reshape(-1, x.shape[-1]).double()
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                self.count[name] = 0
+            self.sums[name].addmm_(x.T, x)
+            self.count[name] += x.shape[0]
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@torch.no_grad()
+def _shared_inputs(model: nn.Module, modules: Mapping[str, nn.Module], window: Tensor) -> dict[str, str]:
+    """module -> representative module that receives the very same input tensor (q/k/v, gate/up).
+
+    One short probe forward; only modules of the same block are compared (a freed activation's
+    memory can be reused by a later block), and the tensors are held while comparing.
+    """
+    seen: dict[str, list[tuple[Tensor, str]]] = {}
+    alias: dict[str, str] = {}
+
+    def block(name: str) -> str:
+        parts = name.split(".")
+        digits = [i for i, p in enumerate(parts) if p.isdigit()]
+        return ".".join(parts[: digits[-1] + 1]) if digits else ""
+
+    def make(name: str):  # noqa: ANN202 - a torch hook
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            x = inputs[0]
+            group = seen.setdefault(block(name), [])
+            for other, rep in group:
+                if other is x:
+                    alias[name] = rep
+                    return
+            group.append((x, name))
+            alias[name] = name
+        return hook
+
+    handles = [m.register_forward_hook(make(name)) for name, m in modules.items()]
+    try:
+        model(input_ids=window[:8].unsqueeze(0).to(_device_of(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return alias
+
+
+def _passes(reps: Sequence[str], dims: Mapping[str, int], budget: int) -> list[list[str]]:
+    """Group representatives so that each pass's float64 covariances fit in ``budget`` bytes."""
+    out: list[list[str]] = [[]]
+    used = 0
+    for name in reps:
+        size = dims[name] ** 2 * 8
+        if out[-1] and used + size > budget:
+            out.append([])
+            used = 0
+        out[-1].append(name)
+        used += size
+    return out
+
+
+def _top_k(cov: Tensor, k: int, energy: float | None, name: str, side: NullSide) -> tuple[Tensor, float]:
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
+    total = float(evals.sum())
+    if energy is not None:
+        cum = torch.cumsum(evals, 0) / max(total, 1e-300)
+        k = int((cum < energy).sum()) + 1
+    if k > cov.shape[0]:
+        raise ValueError(f"gems.k={k} exceeds the {side} dimension {cov.shape[0]} of {name}")
+    captured = float(evals[:k].sum()) / total if total > 0 else 0.0
+    return evecs[:, :k].float().contiguous(), captured
+
+
+@torch.no_grad()
+def activation_covariances(model: nn.Module, windows: Sequence[Tensor], names: Sequence[str],
+                           side: NullSide = "input", budget_bytes: int = COVARIANCE_BUDGET_BYTES,
+                           batch_size: int = 4) -> dict[str, Tensor]:
+    """``C = (1/N) sum x x^T`` per target weight over the windows (streamed, bounded memory).
+
+    Modules that share one input tensor share one covariance; when all covariances do not fit in
+    ``budget_bytes`` the corpus is run once per group of layers.
+    """
+    modules = {n.removesuffix(".weight"): None for n in names}
+    by_name = dict(model.named_modules())
+    modules = {n: by_name[n] for n in modules}
+    alias = (_shared_inputs(model, modules, windows[0]) if side == "input"
+             else {n: n for n in modules})
+    reps = list(dict.fromkeys(alias.values()))
+    dims = {n: (modules[n].in_features if side == "input" else modules[n].out_features) for n in reps}
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    covs: dict[str, Tensor] = {}
+    try:
+        for group in _passes(reps, dims, budget_bytes):
+            hooks = _CovarianceHooks({n: modules[n] for n in group}, side)
+            try:
+                for start in range(0, len(windows), batch_size):
+                    chunk = windows[start:start + batch_size]
+                    for same in _equal_length(chunk):
+                        model(input_ids=same.to(device), use_cache=False)
+            finally:
+                hooks.close()
+            covs.update({n: hooks.sums[n] / hooks.count[n] for n in group})
+    finally:
+        model.train(was_training)
+    return {f"{n}.weight": covs[alias[n]] for n in modules}
+
+
+def _equal_length(windows: Sequence[Tensor]) -> list[Tensor]:
+    """Stack windows of equal length (only the corpus tail is shorter): no padding needed."""
+    by_len: dict[int, list[Tensor]] = {}
+    for w in windows:
+        by_len.setdefault(len(w), []).append(w)
+    return [torch.stack(ws) for ws in by_len.values()]
+
+
+def save_bases(bases: Bases, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in bases.items()}, str(tmp), metadata=bases.info)
+    tmp.replace(path)
+
+
+def load_bases(path: Path) -> Bases:
+    with safe_open(str(path), framework="pt") as f:
+        return Bases({k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {})  # noqa: SIM118
+
+
+def build_bases(model: nn.Module, texts: Iterable[str], tokenizer: PreTrainedTokenizerBase,
+                gems_cfg: GEMSConfig, cache_dir: Path | None = None, corpus_source: str = "texts",
+                seq_len: int = SEQ_LEN) -> Bases:
+    """``U_k`` per target weight of the (pretrained) ``model`` from its activations on ``texts``.
+
+    Cached as safetensors under ``cache_dir``, keyed by the target weights' fingerprint, the
+    corpus tokens, k / energy, side, targets and window length. ``gems.k=0`` (no energy) -> empty.
+    """
+    if gems_cfg.k == 0 and gems_cfg.energy is None:
+        return Bases({}, {"nullspace": "off (gems.k=0)"})
+    names = target_parameter_names(model, gems_cfg.target_modules)
+    if not names:
+        raise ValueError(f"gems.target_modules={gems_cfg.target_modules} matches no weight of the model")
+    windows = token_windows(texts, tokenizer, gems_cfg.general_max_tokens, seq_len)
+    corpus_hash = _sha(w.numpy().astype("<i8").tobytes() for w in windows)
+    key_fields = {"model": model_fingerprint(model, names), "corpus": corpus_hash, "k": gems_cfg.k,
+                  "energy": gems_cfg.energy, "side": gems_cfg.nullspace_side, "targets": sorted(names),
+                  "seq_len": seq_len}
+    key = _sha([json.dumps(key_fields, sort_keys=True).encode()])[:20]
+    path = cache_dir / f"nullspace-{key}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        bases = load_bases(path)
+        log.info("null-space bases from cache %s (%s)", path, bases.describe())
+        return bases
+    covs = activation_covariances(model, windows, names, gems_cfg.nullspace_side)
+    bases = Bases()
+    captured = []
+    for name in names:
+        u, share = _top_k(covs.pop(name), gems_cfg.k, gems_cfg.energy, name, gems_cfg.nullspace_side)
+        bases[name] = u
+        captured.append(share)
+    ks = [u.shape[1] for u in bases.values()]
+    bases.info = {"corpus": corpus_source, "corpus_sha256": corpus_hash,
+                  "tokens": str(sum(len(w) for w in windows)), "side": gems_cfg.nullspace_side,
+                  "k": str(gems_cfg.k) if gems_cfg.energy is None else f"energy={gems_cfg.energy}",
+                  "k_range": f"{min(ks)}-{max(ks)}",
+                  "energy_captured_mean": f"{sum(captured) / len(captured):.4f}",
+                  "cache": str(path) if path is not None else "none"}
+    if path is not None:
+        save_bases(bases, path)
+    return bases
+
+
+def bases_for_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, gems_cfg: GEMSConfig,
+                  cache_dir: Path | None) -> Bases:
+    """What a training run calls: resolve the general corpus, then :func:`build_bases` (cached)."""
+    if gems_cfg.k == 0 and gems_cfg.energy is None:
+        return Bases({}, {"nullspace": "off (gems.k=0)"})
+    corpus = resolve_general_corpus(gems_cfg, model, tokenizer, cache_dir)
+    return build_bases(model, corpus.texts, tokenizer, gems_cfg, cache_dir, corpus.source)

@@ -41,27 +41,21 @@ from gems.config import GEMSConfig
 from gems.conflict import ConflictSummary, cosine, cosine_from_products, summarize
 from gems.gate import TASKS, TaskStats, task_gate
 from gems.nullspace import NullSpace
-from gems.subspace import Side, Subspace, basis_side, clamp_rank, top_basis, transfer_moments
+from gems.subspace import (
+    Side,
+    Subspace,
+    basis_side,
+    clamp_rank,
+    target_parameter_names,
+    top_basis,
+    transfer_moments,
+)
 
 log = logging.getLogger(__name__)
 
 SHARED = "shared"
 _INT_KEYS = ("step", "t_")
 _BOOL_KEYS = ("due_",)
-
-
-def target_parameter_names(model: nn.Module, target_modules: Iterable[str]) -> list[str]:
-    """Weights of ``nn.Linear`` modules inside repeated (numbered) blocks whose name ends with a pattern."""
-    suffixes = list(target_modules)
-    names = []
-    for mod_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not module.weight.requires_grad:
-            continue
-        parts = mod_name.split(".")
-        in_block = any(part.isdigit() for part in parts)
-        if in_block and any(mod_name == s or mod_name.endswith("." + s) for s in suffixes):
-            names.append(f"{mod_name}.weight")
-    return names
 
 
 @dataclass(frozen=True)

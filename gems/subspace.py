@@ -13,11 +13,12 @@ same subspace also get the same coordinates, which the moment transfer and DDP r
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +100,17 @@ def transfer_moments(m: Tensor, v: Tensor, q_old: Tensor, q_new: Tensor, side: S
     if side == "left":
         return c @ m, (c * c) @ v
     return m @ c.T, v @ (c * c).T
+
+
+def target_parameter_names(model: nn.Module, target_modules: Iterable[str]) -> list[str]:
+    """Weights of ``nn.Linear`` modules inside repeated (numbered) blocks whose name ends with a pattern."""
+    suffixes = list(target_modules)
+    names = []
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not module.weight.requires_grad:
+            continue
+        parts = mod_name.split(".")
+        in_block = any(part.isdigit() for part in parts)
+        if in_block and any(mod_name == s or mod_name.endswith("." + s) for s in suffixes):
+            names.append(f"{mod_name}.weight")
+    return names
