@@ -7,6 +7,7 @@ The first load goes to a temporary cache dir so the shared project cache is left
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -31,6 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     cfg = load_config("demo").model
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+          "(figures scale with contention)")
 
     cache_root = Path(tempfile.mkdtemp(prefix="gems-bench-"))
     try:
@@ -70,6 +73,7 @@ def main() -> None:
     print(f"score_catalog: {args.prompts} prompts ({min(lengths)}-{max(lengths)} tokens) x "
           f"{args.items} items -> {tuple(scores.shape)}: median {statistics.median(times):.2f} s "
           f"({', '.join(f'{t:.2f}' for t in times)})")
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
