@@ -455,7 +455,7 @@ class GEMSAdamW(torch.optim.Optimizer):
         if not measure:
             return None
         if len(task_updates) < 2:
-            return math.nan
+            return None  # no task-specific updates here (single-subspace ablation, rank 0)
         a, b = task_updates["search"], task_updates["rec"]
         return cosine(a, b) if ns is None else cosine(ns.apply(a), ns.apply(b))
 
