@@ -1,0 +1,134 @@
+"""Every method behind one interface: ``build_method(...) -> Method`` with the same ``train_step``.
+
+``gems.method`` selects:
+
+- ``gems``: :class:`gems.optim.GEMSAdamW` (full weights, low-rank multi-subspace updates);
+- ``adamw``: full fine-tuning with ``torch.optim.AdamW`` on the mixed loss;
+- ``lora``: ``peft`` LoRA adapters (``r = gems.lora_r``, ``lora_alpha = gems.lora_alpha``) on the same
+  target modules. Item tokens are new rows of the embedding (and of the LM head): frozen, they
+  would stay at their title-mean initialisation, so they are trained with peft's
+  ``trainable_token_indices`` (only those rows get a delta; tied LM heads follow the embedding).
+  ``modules_to_save`` would train full copies of the whole vocabulary's embedding instead;
+- ``galore``: ``galore_torch.GaLoreAdamW`` (the reference implementation) with ``rank = r_shared``,
+  ``update_proj_gap = t_svd``, ``scale = galore_scale``, ``proj_type = std`` on the target weights.
+
+Baselines run the same two per-task passes as GEMS (the mixed gradient is their sum), so the
+gradient conflict coefficient is logged for every method on the same layers; they then take one
+ordinary optimizer step on the mixed gradient. GaLore's optimizer state holds its projector
+objects (not tensors only), so resuming it needs a full pickle, unlike GEMS.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from gems.config import GEMSConfig
+from gems.optim import GEMSAdamW
+from gems.step import StepStats, TaskBatch, train_step
+from gems.subspace import target_parameter_names
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Method:
+    """A model (peft-wrapped for LoRA) with its optimizer; ``train_step`` runs one step."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    conflict_params: dict[str, nn.Parameter] = field(default_factory=dict)
+
+    def train_step(self, batches: Mapping[str, Sequence[TaskBatch]], max_grad_norm: float | None = None,
+                   autocast_dtype: torch.dtype | None = None, measure_conflict: bool = True,
+                   model: nn.Module | None = None) -> StepStats:
+        """:func:`gems.step.train_step` on ``model`` (default: this method's; pass the DDP wrapper)."""
+        return train_step(model if model is not None else self.model, self, batches, max_grad_norm,
+                          autocast_dtype, measure_conflict)
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def merged_model(self) -> nn.Module:
+        """The plain model to evaluate / export (LoRA: a merged copy; the trainable one is untouched)."""
+        if self.name == "lora":
+            return copy.deepcopy(self.model).merge_and_unload()
+        return self.model
+
+
+def _named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
+    for name, m in model.named_modules():
+        if m is module:
+            return name.split(".")[-1]
+    return None
+
+
+def _lora(model: nn.Module, cfg: GEMSConfig, item_token_ids: Sequence[int] | None) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    tokens: dict[str, list[int]] | None = None
+    if item_token_ids:
+        ids = [int(i) for i in item_token_ids]
+        embed = _module_name(model, model.get_input_embeddings())
+        tokens = {embed: ids}
+        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+        head = _module_name(model, model.get_output_embeddings()) if not tied else None
+        if head is not None:
+            tokens[head] = ids
+    else:
+        log.warning("LoRA without item_token_ids: item-token embeddings stay frozen at their init")
+    lora_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(cfg.target_modules), trainable_token_indices=tokens,
+                          task_type="CAUSAL_LM")
+    return get_peft_model(model, lora_cfg)
+
+
+def build_method(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mapping[str, Tensor] | None = None,
+                 item_token_ids: Sequence[int] | None = None) -> Method:
+    """The method ``gems_cfg.method`` for ``model`` (build it BEFORE wrapping the model in DDP).
+
+    ``bases``: null-space bases for GEMS (``gems.nullspace.bases_for_run``; ignored by baselines).
+    ``item_token_ids``: the item tokens' ids, trained as extra embedding rows by LoRA.
+    """
+    if not lr > 0:
+        raise ValueError(f"train.lr must be > 0, got {lr}")
+    method = gems_cfg.method
+    targets = target_parameter_names(model, gems_cfg.target_modules)
+    if method == "gems":
+        protect = gems_cfg.k > 0 or gems_cfg.energy is not None
+        optimizer = GEMSAdamW.for_model(model, gems_cfg, lr, bases if protect else None)
+        return Method("gems", model, optimizer)
+    if method == "adamw":
+        named = _named_trainable(model)
+        optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, betas=gems_cfg.betas, eps=gems_cfg.eps,
+                                      weight_decay=gems_cfg.weight_decay)
+        return Method("adamw", model, optimizer, {n: p for n, p in named if n in targets})
+    if method == "lora":
+        wrapped = _lora(model, gems_cfg, item_token_ids)
+        named = _named_trainable(wrapped)
+        optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, betas=gems_cfg.betas, eps=gems_cfg.eps,
+                                      weight_decay=gems_cfg.weight_decay)
+        return Method("lora", wrapped, optimizer, {n: p for n, p in named if "lora_" in n})
+    if method == "galore":
+        from galore_torch import GaLoreAdamW
+
+        named = _named_trainable(model)
+        groups = [{"params": [p for n, p in named if n in targets], "rank": gems_cfg.r_shared,
+                   "update_proj_gap": gems_cfg.t_svd, "scale": gems_cfg.galore_scale, "proj_type": "std"}]
+        rest = [p for n, p in named if n not in targets]
+        if rest:
+            groups.append({"params": rest})
+        optimizer = GaLoreAdamW(groups, lr=lr, betas=gems_cfg.betas, eps=gems_cfg.eps,
+                                weight_decay=gems_cfg.weight_decay, no_deprecation_warning=True)
+        return Method("galore", model, optimizer, {n: p for n, p in named if n in targets})
+    raise ValueError(f"gems.method={method!r} is not one of gems, adamw, lora, galore")
