@@ -263,6 +263,13 @@ class TuneConfig(_Section):
                                           "gems.* or train.* field -> range.")
     study_storage: str | None = Field(None, description="Optuna RDB URL for a resumable study "
                                       "(None = sqlite under state_dir).")
+    points_to_evaluate: list[dict[str, float]] = Field(
+        default_factory=list, description="Points (dotted field -> value) tried first, e.g. known-good "
+        "defaults; an invalid point fails only its own trial.")
+    resume: bool = Field(True, description="Resume an interrupted sweep of the same config and data "
+                         "(finished trials kept); False = always start a new sweep.")
+    data_cpus: float = Field(1.0, ge=0, le=1024, description="CPUs left free for Ray Data ingest when "
+                             "max_concurrent is computed from the cluster (avoids Data/Train deadlock).")
 
 
 class MLflowConfig(_Section):

@@ -1,0 +1,123 @@
+"""The sweep on real Ray Tune + Optuna + MLflow, with cheap stand-in trials (tests/sweep_driver.py).
+
+One scenario, two driver runs (each a fresh local Ray): a sweep whose first point is invalid is
+interrupted with SIGINT (Ctrl-C) after a trial finished, then the same command resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from gems.config import load_config
+from tune.sweep import max_concurrent_trials, study_storage_url
+from tune.tracked_sweep import SWEEP_TAG
+from tune.trial_runs import TRIAL_ID_TAG
+
+DRIVER = Path(__file__).with_name("sweep_driver.py")
+ROOT = DRIVER.parent.parent
+NUM_SAMPLES = 3
+SETTINGS = [f"tune.num_samples={NUM_SAMPLES}", "tune.max_concurrent=1",
+            # 3 evaluations per trial (6 steps, every 2) with ASHA's grace period at 3: no early
+            # stopping, so every valid trial runs to its end and is easy to account for
+            "train.eval_every=2", "tune.asha_grace_period=3",
+            # a space reaching into invalid values (tau must be > 0) and a point there
+            "tune.space={gems.tau: {low: -1.0, high: 3.0}}", "tune.points_to_evaluate=[{gems.tau: -1.0}]"]
+
+
+def _driver(state: Path, markers: Path, uri: str) -> subprocess.Popen:
+    args = [sys.executable, str(DRIVER), str(state), str(markers), uri]
+    for s in SETTINGS:
+        args += ["--set", s]
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_concurrency_leaves_cpus_for_data() -> None:
+    cfg = load_config("demo")
+    assert max_concurrent_trials(cfg, cluster_cpus=2) == 1  # this machine: one trial at a time
+    assert max_concurrent_trials(cfg, cluster_cpus=9) == 8
+    assert max_concurrent_trials(load_config("demo", ["train.num_workers=2"]), cluster_cpus=2) == 1
+    assert max_concurrent_trials(load_config("demo", ["tune.max_concurrent=3"]), cluster_cpus=2) == 3
+
+
+@pytest.mark.slow
+def test_failed_trial_is_recorded_and_interrupted_sweep_resumes(tmp_path: Path) -> None:
+    state, markers = tmp_path / "state", tmp_path / "markers"
+    markers.mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    first = _driver(state, markers, uri)
+    deadline = time.monotonic() + 240
+    while not list(markers.glob("done-*")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert first.poll() is None, f"driver ended early:\n{first.communicate()[1][-3000:]}"
+    time.sleep(0.5)
+    first.send_signal(signal.SIGINT)  # what Ctrl-C does
+    _, err = first.communicate(timeout=180)
+    assert first.returncode == 3, f"expected exit 3 (interrupted), got {first.returncode}:\n{err[-3000:]}"
+    done_before = {p.name.removeprefix("done-") for p in markers.glob("done-*")}
+    assert done_before
+
+    second = _driver(state, markers, uri)
+    out, err = second.communicate(timeout=400)
+    assert second.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["restored"] is True
+
+    starts: dict[str, int] = {}
+    for p in markers.glob("start-*"):
+        trial_id = p.name.split("-")[1]
+        starts[trial_id] = starts.get(trial_id, 0) + 1
+    for trial_id in done_before:
+        assert starts[trial_id] == 1, f"finished trial {trial_id} ran again after the resume"
+    done_after = {p.name.removeprefix("done-") for p in markers.glob("done-*")}
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    parents = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                 filter_string=f"tags.`{SWEEP_TAG}` = '{summary['sweep']}'")
+    assert [p.info.run_id for p in parents] == [summary["parent_run_id"]], "the resume reopens the parent"
+    assert parents[0].info.status == "FINISHED"
+    children = client.search_runs([parents[0].info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    by_trial = {c.data.tags[TRIAL_ID_TAG]: c for c in children}
+    assert len(children) == len(by_trial) == NUM_SAMPLES, "one child run per trial, no duplicates"
+    assert any(c.data.params["gems.tau"] == "-1.0" for c in children), "the injected point ran"
+    for trial_id, child in by_trial.items():
+        if float(child.data.params["gems.tau"]) <= 0:  # invalid: failed before any work
+            assert child.info.status == "FAILED", trial_id
+            assert "gems.tau" in child.data.tags["gems.error"]
+            assert trial_id not in starts
+        else:
+            assert child.info.status == "FINISHED", trial_id
+            assert trial_id in done_after
+            history = client.get_metric_history(child.info.run_id, "train/gate_search")
+            assert [m.step for m in history] == [2, 4, 6]
+            artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
+            assert "plots/training_dynamics.png" in artifacts
+    best = by_trial[summary["best_trial_id"]]
+    finished_unified = [c.data.metrics["unified"] for c in children if c.info.status == "FINISHED"]
+    assert best.data.metrics["unified"] == max(finished_unified)
+
+    sweep_files = {a.path for a in client.list_artifacts(summary["parent_run_id"], "sweep")}
+    assert {"sweep/search_vs_rec.png", "sweep/parallel_coordinates.png", "sweep/trials.json",
+            "sweep/summary.json", "sweep/param_importances_unified.png"} <= sweep_files
+
+    cfg = load_config("tiny", [f"state_dir={state}"])
+    study = optuna.load_study(study_name=summary["sweep"], storage=study_storage_url(cfg))
+    n_failed = sum(c.info.status == "FAILED" for c in children)
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == n_failed >= 1
+    assert states.count(optuna.trial.TrialState.COMPLETE) == NUM_SAMPLES - n_failed

@@ -1,0 +1,172 @@
+"""The registered model: an MLflow pyfunc that ranks the catalog for (task, history, query) rows.
+
+It rebuilds each prompt with the same functions preprocessing uses (gems.prompts), scores the
+whole catalog with the same scorer evaluation uses (gems.evaluate.model_scorer) and masks the
+history for rec exactly as evaluation does, so a served ranking is the evaluated ranking. Loads
+with ``mlflow.pyfunc.load_model("models:/<name>@champion")`` in any process that has the pip
+requirements; ``gems`` and ``tune`` travel with the model as code_paths. This module must not
+import ray.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import polars as pl
+import torch
+
+from gems.config import Config
+from gems.prompts import format_prompt
+
+MODEL_ARTIFACT, ITEMS_ARTIFACT, SETTINGS_ARTIFACT = "model", "items", "settings"
+INPUT_COLUMNS = ("task", "history_item_ids", "query")
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """How prompts are built and ranked; copied from the training config so they cannot drift."""
+
+    title_max_words: int
+    history_len: int
+    query_max_chars: int
+    max_seq_len: int
+    mask_history_rec: bool
+    batch_size: int
+    top_k: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ServingSettings:
+        return cls(title_max_words=cfg.data.title_max_words, history_len=cfg.data.history_len,
+                   query_max_chars=cfg.data.query_max_chars, max_seq_len=cfg.train.max_seq_len,
+                   mask_history_rec=cfg.eval.mask_history_rec, batch_size=cfg.eval.batch_size,
+                   top_k=cfg.mlflow.top_k)
+
+
+@dataclass
+class Catalog:
+    """Items sorted by id (the order training and evaluation use, so score ties break alike)."""
+
+    item_ids: list[str]
+    titles: dict[str, str]
+
+    @classmethod
+    def from_parquet(cls, path: Path) -> Catalog:
+        items = pl.read_parquet(path, columns=["item_id", "title"]).with_columns(
+            pl.col("item_id").cast(pl.Utf8)).sort("item_id")
+        ids = items["item_id"].to_list()
+        return cls(item_ids=ids, titles=dict(zip(ids, items["title"].fill_null("").to_list(), strict=True)))
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    return [str(v) for v in value]
+
+
+def _as_query(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return str(value)
+
+
+def build_prompts(requests: pd.DataFrame, catalog: Catalog, settings: ServingSettings) -> list[str]:
+    """The prompt preprocessing would have written for each request (last history_len items)."""
+    missing = [c for c in ("task", "history_item_ids") if c not in requests.columns]
+    if missing:
+        raise ValueError(f"requests lack columns {missing}; expected {list(INPUT_COLUMNS)}")
+    prompts = []
+    queries = requests["query"] if "query" in requests.columns else [None] * len(requests)
+    for task, history, query in zip(requests["task"], requests["history_item_ids"], queries, strict=True):
+        if task not in ("search", "rec"):
+            raise ValueError(f"task must be 'search' or 'rec', got {task!r}")
+        ids = _as_list(history)[-settings.history_len:]
+        unknown = [i for i in ids if i not in catalog.titles]
+        if unknown:
+            raise ValueError(f"history items not in the catalog: {unknown[:5]}")
+        text = _as_query(query) if task == "search" else None  # a rec prompt never shows a query
+        if text is not None:
+            text = text[:settings.query_max_chars]
+        prompts.append(format_prompt(task, [(i, catalog.titles[i]) for i in ids], text,
+                                     settings.title_max_words))
+    return prompts
+
+
+def exclusion_mask(tasks: Sequence[str], histories: Sequence[Sequence[str]], catalog: Catalog,
+                   mask_history_rec: bool) -> torch.Tensor:
+    """Bool [n, n_items]: items a rec request must not get back (already in its history)."""
+    index = {item: i for i, item in enumerate(catalog.item_ids)}
+    mask = torch.zeros(len(tasks), len(catalog.item_ids), dtype=torch.bool)
+    if mask_history_rec:
+        for row, (task, history) in enumerate(zip(tasks, histories, strict=True)):
+            if task == "rec":
+                cols = [index[h] for h in history if h in index]
+                mask[row, cols] = True
+    return mask
+
+
+def rank_requests(model: torch.nn.Module, tokenizer: Any, item_token_ids: torch.Tensor,
+                  requests: pd.DataFrame, catalog: Catalog, settings: ServingSettings,
+                  top_k: int | None = None) -> pd.DataFrame:
+    """Top-k item ids and scores per request row (what the pyfunc returns)."""
+    from gems.evaluate import model_scorer
+
+    k = min(top_k or settings.top_k, len(catalog.item_ids))
+    prompts = build_prompts(requests, catalog, settings)
+    histories = [_as_list(h)[-settings.history_len:] for h in requests["history_item_ids"]]
+    scorer = model_scorer(model, tokenizer, item_token_ids, settings.max_seq_len, settings.batch_size)
+    out_ids: list[list[str]] = []
+    out_scores: list[list[float]] = []
+    for start in range(0, len(prompts), settings.batch_size):
+        stop = start + settings.batch_size
+        scores = scorer(pl.DataFrame({"prompt": prompts[start:stop]})).detach().float().cpu()
+        exclude = exclusion_mask(list(requests["task"].iloc[start:stop]), histories[start:stop], catalog,
+                                 settings.mask_history_rec)
+        values, indices = scores.masked_fill(exclude, float("-inf")).topk(k, dim=1)
+        out_ids.extend([[catalog.item_ids[j] for j in row.tolist()] for row in indices])
+        out_scores.extend(row.tolist() for row in values)
+    return pd.DataFrame({"item_ids": out_ids, "scores": out_scores})
+
+
+def load_ranker_parts(model_dir: Path, items_path: Path
+                      ) -> tuple[torch.nn.Module, Any, Catalog, torch.Tensor]:
+    """(model, tokenizer, catalog, item token ids) from an HF model dir and an items table."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gems.model import item_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    catalog = Catalog.from_parquet(items_path)
+    return model, tokenizer, catalog, item_token_ids(tokenizer, catalog.item_ids)
+
+
+class GemsRanker(mlflow.pyfunc.PythonModel):
+    """pyfunc: DataFrame(task, history_item_ids, query) -> DataFrame(item_ids, scores)."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.settings = ServingSettings(**json.loads(Path(context.artifacts[SETTINGS_ARTIFACT]).read_text()))
+        self.model, self.tokenizer, self.catalog, self.item_token_ids = load_ranker_parts(
+            Path(context.artifacts[MODEL_ARTIFACT]), Path(context.artifacts[ITEMS_ARTIFACT]))
+
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        top_k = int((params or {}).get("top_k") or self.settings.top_k)
+        return rank_requests(self.model, self.tokenizer, self.item_token_ids, model_input, self.catalog,
+                             self.settings, top_k=top_k)
+
+
+def write_settings(settings: ServingSettings, path: Path) -> Path:
+    path.write_text(json.dumps(asdict(settings), indent=2, sort_keys=True))
+    return path
