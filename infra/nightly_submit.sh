@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Submit tonight's GEMS-SR nightly retraining as a Ray job. This is what cron
+# (infra/cron/nightly.cron) and the systemd timer (infra/systemd/gems-nightly.*) run.
+#
+#   infra/nightly_submit.sh [--retry] [-- extra arguments for pipelines/nightly.py]
+#
+# The submission id is nightly-<UTC date>: Ray refuses a second job with the same id, so a
+# double trigger (cron and timer both installed, a manual run, a timer catching up after boot)
+# only reports the night's existing job. After a failed night, --retry submits
+# nightly-<date>-retry-<time>; the nightly job itself resumes where the failed one stopped.
+#
+# Environment (all optional):
+#   GEMS_REPO            checkout uploaded as the job's working_dir (default: this script's repo)
+#   GEMS_NIGHTLY_CONFIG  config name or path for pipelines/nightly.py (default: demo)
+#   GEMS_NIGHT           the night's date label (default: today, UTC)
+#   RAY_ADDRESS          job server of the Ray head (default: http://127.0.0.1:8265)
+#   RAY_BIN              the ray CLI (default: $GEMS_REPO/.venv/bin/ray, else ray on PATH)
+#   GEMS_PYTHON          python the entrypoint runs on the head node (default: python)
+#   MLFLOW_TRACKING_URI  passed on to the job when set
+#   GEMS_SUBMIT_DRY_RUN  1 = print the submit command and exit (used by the tests)
+set -euo pipefail
+
+REPO="${GEMS_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+CONFIG="${GEMS_NIGHTLY_CONFIG:-demo}"
+NIGHT="${GEMS_NIGHT:-$(date -u +%F)}"
+export RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
+if [[ -z "${RAY_BIN:-}" ]]; then
+  if [[ -x "$REPO/.venv/bin/ray" ]]; then RAY_BIN="$REPO/.venv/bin/ray"; else RAY_BIN="ray"; fi
+fi
+PYTHON="${GEMS_PYTHON:-python}"
+
+RETRY=0
+if [[ "${1:-}" == "--retry" ]]; then RETRY=1; shift; fi
+if [[ "${1:-}" == "--" ]]; then shift; fi
+
+SUBMISSION_ID="nightly-${NIGHT}"
+if (( RETRY )); then SUBMISSION_ID="${SUBMISSION_ID}-retry-$(date -u +%H%M%S)"; fi
+
+# `ray start --head` enables token authentication; the client finds ~/.ray/auth_token itself.
+if [[ -z "${RAY_AUTH_MODE:-}" && -f "${HOME:-/nonexistent}/.ray/auth_token" ]]; then
+  export RAY_AUTH_MODE=token
+fi
+
+# The uploaded working_dir has no .git: pass the code version and the tracking server along.
+SHA="$(git -C "$REPO" rev-parse HEAD 2>/dev/null || true)"
+ENV_JSON="\"GEMS_NIGHT\": \"${NIGHT}\""
+[[ -n "$SHA" ]] && ENV_JSON="${ENV_JSON}, \"GEMS_GIT_SHA\": \"${SHA}\""
+[[ -n "${MLFLOW_TRACKING_URI:-}" ]] && ENV_JSON="${ENV_JSON}, \"MLFLOW_TRACKING_URI\": \"${MLFLOW_TRACKING_URI}\""
+RUNTIME_ENV="{\"env_vars\": {${ENV_JSON}}}"
+
+SUBMIT=("$RAY_BIN" job submit --no-wait --address "$RAY_ADDRESS" --submission-id "$SUBMISSION_ID"
+        --working-dir "$REPO" --runtime-env-json "$RUNTIME_ENV"
+        -- "$PYTHON" pipelines/nightly.py --config "$CONFIG" "$@")
+
+if [[ "${GEMS_SUBMIT_DRY_RUN:-0}" == "1" ]]; then
+  printf '%q ' "${SUBMIT[@]}"
+  echo
+  exit 0
+fi
+
+job_status() {  # prints the job's status word (SUCCEEDED, RUNNING, ...) or nothing if unknown
+  "$RAY_BIN" job status --address "$RAY_ADDRESS" "$1" 2>/dev/null \
+    | sed -n "s/^Status for job '[^']*': \([A-Z_]*\).*/\1/p" | tail -n 1
+}
+
+existing="$(job_status "$SUBMISSION_ID")"
+if [[ -n "$existing" ]]; then
+  echo "nightly: ${SUBMISSION_ID} was already submitted (status ${existing}); nothing to do."
+  if [[ "$existing" == "FAILED" || "$existing" == "STOPPED" ]]; then
+    echo "nightly: rerun with '$0 --retry' to resume that night."
+  fi
+  exit 0
+fi
+
+echo "nightly: submitting ${SUBMISSION_ID} to ${RAY_ADDRESS} (config ${CONFIG})"
+if ! "${SUBMIT[@]}"; then
+  if [[ -n "$(job_status "$SUBMISSION_ID")" ]]; then
+    echo "nightly: ${SUBMISSION_ID} was submitted by a concurrent trigger; nothing to do."
+    exit 0
+  fi
+  echo "nightly: submission of ${SUBMISSION_ID} failed" >&2
+  exit 1
+fi
+
+"$RAY_BIN" job logs --address "$RAY_ADDRESS" --follow "$SUBMISSION_ID" || true
+final="$(job_status "$SUBMISSION_ID")"
+echo "nightly: ${SUBMISSION_ID} finished with status ${final:-UNKNOWN}"
+[[ "$final" == "SUCCEEDED" ]]

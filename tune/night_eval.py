@@ -1,0 +1,115 @@
+"""Champion and challenger on the same fresh holdout, ranked over the same (tonight's) catalog.
+
+The champion is scored as it serves: items first seen after it was trained have no token in its
+vocabulary, so it cannot rank them (score -inf, a miss whenever one is the target). The challenger
+learned their tokens tonight. Both see the same seeded subset of holdout examples and the same
+sampled negatives, so the metric difference is a paired comparison. Retention compares the two
+directly: perplexity of each on held-out general text, and KL(champion || challenger).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from gems.config import Config, ModelConfig
+from gems.evaluate import EvalResult, ScoreBatch, evaluate_scorer, model_scorer, subsample_per_task
+from gems.items import item_token
+from gems.metrics import flatten_metrics
+from gems.model import item_token_ids, load_backbone
+from gems.retention import measure_retention
+
+
+@dataclass
+class HoldoutResult:
+    """One model's ranking quality on the holdout, with what the decision and the record need."""
+
+    result: EvalResult
+    known_items: int  # catalog items the model has a token for
+
+    @property
+    def unified(self) -> float:
+        return self.result.unified
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}unified": self.unified, **flatten_metrics(self.result.metrics, prefix=prefix),
+                f"{prefix}known_items": float(self.known_items)}
+
+
+@dataclass
+class RetentionPair:
+    champion_ppl: float | None
+    challenger_ppl: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def load_ranking_model(model_dir: Path, cache_root: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A saved model dir loaded exactly as training loads a backbone (fp32, left padding)."""
+    return load_backbone(ModelConfig(name_or_path=str(model_dir)), cache_root)
+
+
+def catalog_scorer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, item_ids: Sequence[str],
+                   max_len: int, batch_size: int) -> tuple[ScoreBatch, int]:
+    """A scorer over the whole catalog that gives items without a token -inf; and how many it knows."""
+    vocab = tokenizer.get_vocab()
+    known = [i for i, item in enumerate(item_ids) if item_token(str(item)) in vocab]
+    token_ids = item_token_ids(tokenizer, [item_ids[i] for i in known])
+    inner = model_scorer(model, tokenizer, token_ids, max_len, batch_size)
+    columns = torch.tensor(known, dtype=torch.long)
+
+    def score(rows: pl.DataFrame) -> torch.Tensor:
+        out = torch.full((rows.height, len(item_ids)), float("-inf"))
+        if len(known):
+            out[:, columns] = inner(rows).detach().float().cpu()
+        return out
+
+    return score, len(known)
+
+
+def holdout_examples(test: pl.DataFrame, cfg: Config) -> pl.DataFrame:
+    """The seeded subset both models are evaluated on (cfg.eval.max_examples per task)."""
+    return subsample_per_task(test, cfg.eval.max_examples, cfg.data.seed)
+
+
+def evaluate_on_holdout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: pl.DataFrame,
+                        item_ids: Sequence[str], cfg: Config, top_k: int | None = None) -> HoldoutResult:
+    scorer, known = catalog_scorer(model, tokenizer, item_ids, cfg.train.max_seq_len, cfg.eval.batch_size)
+    model.eval()
+    with torch.no_grad():
+        result = evaluate_scorer(scorer, examples, item_ids, batch_size=cfg.eval.batch_size,
+                                 mask_history_rec=cfg.eval.mask_history_rec,
+                                 num_negatives=cfg.eval.num_negatives, seed=cfg.data.seed, ks=cfg.eval.ks,
+                                 top_k=top_k, progress=False)
+    return HoldoutResult(result=result, known_items=known)
+
+
+def compare_retention(champion: PreTrainedModel, challenger: PreTrainedModel,
+                      challenger_tokenizer: PreTrainedTokenizerBase, cfg: Config) -> RetentionPair:
+    """Perplexity of both on general text, KL(champion || challenger), MMLU of both."""
+    basis = Path(cfg.gems.general_corpus).expanduser() if cfg.gems.general_corpus else None
+    r = measure_retention(champion, challenger, challenger_tokenizer,
+                          max_tokens=cfg.eval.retention_max_tokens, mmlu_questions=cfg.eval.mmlu_questions,
+                          seed=cfg.data.seed, basis_corpus=basis)
+    metrics = {f"challenger/retention/{k}": v for k, v in
+               (("ppl", r.ppl_tuned), ("kl_vs_champion", r.kl), ("item_mass", r.item_mass),
+                ("mmlu", r.mmlu_tuned)) if v is not None}
+    metrics.update({f"champion/retention/{k}": v for k, v in (("ppl", r.ppl_base), ("mmlu", r.mmlu_base))
+                    if v is not None})
+    return RetentionPair(champion_ppl=r.ppl_base, challenger_ppl=r.ppl_tuned, metrics=metrics)
+
+
+def new_item_stats(top_k: pl.DataFrame | None, examples: pl.DataFrame,
+                   new_items: set[str]) -> dict[str, float]:
+    """How the challenger treats items the champion never saw: how many holdout targets are new,
+    and in what share of holdout rankings a new item reaches the top k."""
+    stats = {"holdout/examples": float(examples.height), "holdout/new_items": float(len(new_items)),
+             "holdout/new_item_targets": float(examples["target_item_id"].is_in(sorted(new_items)).sum())}
+    if top_k is not None and top_k.height and new_items:
+        hits = [any(i in new_items for i in row) for row in top_k["top_item_ids"].to_list()]
+        stats["challenger/new_item_in_top_k_share"] = sum(hits) / len(hits)
+    return stats

@@ -1,0 +1,454 @@
+"""Nightly retraining: new day partitions -> warm-started challenger -> paired holdout -> decision.
+
+One night is keyed by its holdout day D (the newest partition) and recorded as one MLflow run
+tagged ``gems.nightly_key=D``. The run doubles as the night's journal, so the job is idempotent
+and crash-safe:
+
+- each phase records its result on the run (shards on disk, checkpoint path, logged model URI,
+  registered version, metrics of both models) and a rerun skips every phase already recorded:
+  a crash after training resumes at evaluation and never trains again;
+- the ``champion`` alias moves only at the end (``previous`` first, then ``champion``), and the
+  decision tag is written after it: until then the night is unfinished and the next run
+  completes it; once written, any later run for the same logs says "already decided";
+- with no partition newer than the champion's watermark the job does nothing and says so.
+
+Crash injection for tests: ``GEMS_NIGHTLY_CRASH_AT=<point>`` raises at that point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+import polars as pl
+import ray
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from gems.config import Config, config_from_dict
+from gems.data.shards import read_items, read_manifest, read_split
+from gems.model import load_backbone
+from gems.nullspace import bases_for_run, save_bases
+from pipelines.stages.preprocess import run_preprocess
+from tune.decision import Decision, ModelScores, decide
+from tune.night_eval import (
+    compare_retention,
+    evaluate_on_holdout,
+    holdout_examples,
+    load_ranking_model,
+    new_item_stats,
+)
+from tune.night_view import build_view
+from tune.registry import (
+    CHALLENGER,
+    VersionInfo,
+    find_versions,
+    get_champion,
+    log_ranker,
+    metric_tags,
+    promote,
+    register_version,
+    set_alias,
+)
+from tune.tracking import TAG_PREFIX, resolve_tracking_uri, run_tags, setup_tracking
+from tune.warm_start import (
+    PARAM_TAG_PREFIX,
+    WarmStart,
+    champion_params,
+    fetch_champion,
+    params_from_run,
+    with_params,
+)
+from tune.watermark import NightlyError, NightPlan, list_partitions, parse_watermark, plan_night
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "GEMS_NIGHTLY_CRASH_AT"
+CRASH_POINTS = ("after_preprocess", "after_train", "after_evaluate", "after_register", "before_promote")
+KEY_TAG = f"{TAG_PREFIX}nightly_key"
+T = f"{TAG_PREFIX}nightly."  # the night's journal tags
+CHAMPION_AT_START, ATTEMPTS, TRAINED_IN = f"{T}champion_version", f"{T}attempts", f"{T}trained_in_attempt"
+CHECKPOINT, MODEL_URI, VERSION, DECISION = f"{T}checkpoint", f"{T}model_uri", f"{T}version", f"{T}decision"
+EVALUATED = f"{T}evaluated"
+UNIFIED = "test/unified"
+Status = Literal["no_new_data", "already_decided", "promoted", "rejected"]
+
+
+class InjectedCrash(RuntimeError):
+    """Raised at the point named by GEMS_NIGHTLY_CRASH_AT (tests of crash safety)."""
+
+
+@dataclass
+class NightlyOutcome:
+    status: Status
+    message: str
+    night: str | None = None
+    run_id: str | None = None
+    champion: str | None = None  # the champion version after this run
+    challenger: str | None = None  # tonight's version
+    metrics: dict[str, float] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        raise InjectedCrash(f"injected crash at {name} ({CRASH_ENV})")
+
+
+def _check_crash_env() -> None:
+    value = os.environ.get(CRASH_ENV)
+    if value and value not in CRASH_POINTS:
+        raise NightlyError(f"{CRASH_ENV}={value!r} is not a crash point; use one of {CRASH_POINTS}")
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def log_locations(cfg: Config) -> tuple[Path, Path]:
+    """(events directory with dt= partitions, item table) of the configured logs."""
+    d = cfg.data
+    if d.source == "synthetic":
+        root = cfg.resolve(d.path or "raw/synthetic")
+        return root / "events", root / "items.parquet"
+    if d.source == "events":
+        if d.path is None or d.items_path is None:
+            raise NightlyError("data.path and data.items_path are required for nightly runs on events")
+        return cfg.resolve(d.path), cfg.resolve(d.items_path)
+    raise NightlyError(f"data.source={d.source!r}: nightly runs need day-partitioned logs (data.source "
+                       "events or synthetic); convert the logs to dt=YYYY-MM-DD/ partitions first")
+
+
+def night_dir(cfg: Config, key: str) -> Path:
+    return cfg.resolve("nightly") / key
+
+
+def night_data_config(cfg: Config, plan: NightPlan, view_dir: Path, items_path: Path,
+                      shard_dir: Path) -> Config:
+    """Preprocessing of the night's view with a time cut at the holdout day."""
+    raw = cfg.model_dump(mode="json")
+    raw["data"].update(source="events", path=str(view_dir), items_path=str(items_path),
+                       split_mode="time_cut", cut_day=plan.holdout_day, output_dir=str(shard_dir))
+    return config_from_dict(raw)
+
+
+def challenger_config(cfg: Config, warm: WarmStart, params: Mapping[str, float | int]) -> Config:
+    """The champion's hyperparameters (then nightly.override_params) on the champion's weights."""
+    tuned = with_params(cfg, {**params, **cfg.nightly.override_params})
+    raw = tuned.model_dump(mode="json")
+    raw["model"]["name_or_path"] = str(warm.model_dir)
+    if cfg.nightly.max_steps is not None:
+        raw["train"]["max_steps"] = cfg.nightly.max_steps
+    return config_from_dict(raw)
+
+
+def _shards_match(shard_dir: Path, plan: NightPlan) -> bool:
+    try:
+        manifest = read_manifest(shard_dir)
+    except FileNotFoundError:
+        return False
+    return (manifest.get("watermark", {}).get("partitions") == list(plan.partitions)
+            and manifest.get("config", {}).get("data", {}).get("cut_day") == plan.holdout_day)
+
+
+def preprocess_night(cfg: Config, plan: NightPlan, events_root: Path, items_path: Path) -> tuple[Path, dict]:
+    """The night's prompt shards (reused when a previous attempt already published them)."""
+    work = night_dir(cfg, plan.key)
+    shard_dir = work / "shards"
+    if not _shards_match(shard_dir, plan):
+        stats = build_view(events_root, plan, work / "events")
+        log.info("night %s: view of %s (history of %d users, %d/%d history rows kept)", plan.key,
+                 list(plan.partitions), stats.users, stats.history_rows_kept, stats.history_rows_in)
+        run_preprocess(night_data_config(cfg, plan, work / "events", items_path, shard_dir))
+    manifest = read_manifest(shard_dir)
+    counts = manifest["counts"]
+    if not sum(counts["test"].values()):
+        raise NightlyError(f"holdout day {plan.holdout_day} produced no test examples (no clicks of known "
+                           "users that day?); nothing to compare the models on")
+    if not sum(counts["train"].values()):
+        raise NightlyError(f"no training examples before {plan.holdout_day} in {list(plan.partitions)}; "
+                           "raise nightly.history_days")
+    return shard_dir, manifest
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def night_bases(cfg: Config, tcfg: Config, work: Path) -> Path | None:
+    """Null-space bases of the champion (what the challenger must not forget), built once."""
+    if tcfg.gems.method != "gems" or (tcfg.gems.k == 0 and tcfg.gems.energy is None):
+        return None
+    path = work / "nullspace.safetensors"
+    if not path.exists():
+        model, tokenizer = load_backbone(tcfg.model, cfg.resolve(cfg.model.cache_dir))
+        save_bases(bases_for_run(model, tokenizer, tcfg.gems, cfg.resolve("cache/nullspace")), path)
+    return path
+
+
+def train_challenger(cfg: Config, tcfg: Config, shard_dir: Path, manifest: Mapping[str, Any], plan: NightPlan,
+                     run_id: str, experiment_id: str) -> tuple[Path, dict[str, float | int], list[dict]]:
+    """Fine-tune the challenger (fixed params, or a small sweep); returns checkpoint, params, history."""
+    from tune.sweep import SweepInputs, best_trial, sweep_name
+    from tune.tracked_sweep import run_logged_sweep
+    from tune.trainer import run_training
+
+    work = night_dir(cfg, plan.key)
+    bases = night_bases(cfg, tcfg, work)
+    if cfg.nightly.sweep:
+        inputs = SweepInputs(config=tcfg.model_dump(mode="json"), shard_dir=str(shard_dir),
+                             bases_path=str(bases) if bases else None)
+        outcome = run_logged_sweep(tcfg, inputs, sweep_name(tcfg, manifest.get("fingerprint")), run_id,
+                                   resolve_tracking_uri(cfg), experiment_id, run_tags(cfg, manifest))
+        best = best_trial(outcome.results)
+        return Path(best.checkpoint_path), dict(best.params), []
+    result = run_training(tcfg, shard_dir, bases, run_name=f"{cfg.name}-nightly-{plan.key}")
+    if result.checkpoint_path is None:
+        raise NightlyError("training finished without a local checkpoint (train.storage_path must be a "
+                           "local or mounted path for nightly runs)")
+    return result.checkpoint_path, {}, result.history
+
+
+def _log_history(history: list[dict]) -> None:
+    for report in history:
+        step = int(report.get("step", 0))
+        values = {f"challenger/{k}": float(v) for k, v in report.items()
+                  if k != "step" and isinstance(v, int | float) and math.isfinite(v)}
+        if values:
+            mlflow.log_metrics(values, step=step)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_night(champion_dir: str, challenger_dir: str, shard_dir: str, champion_items: str,
+                   cfg_json: dict[str, Any]) -> dict[str, float]:
+    """Both models on the holdout (+ retention); a plain dict so it can run as a Ray GPU task."""
+    import torch
+
+    cfg = Config.model_validate(cfg_json)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cache = cfg.resolve(cfg.model.cache_dir)
+    items = read_items(shard_dir).sort("item_id")
+    item_ids = items["item_id"].to_list()
+    examples = holdout_examples(read_split(shard_dir, "test"), cfg)
+    known_before = set(pl.read_parquet(champion_items, columns=["item_id"])["item_id"].cast(pl.String))
+    new_items = set(item_ids) - known_before
+
+    champion, champion_tokenizer = load_ranking_model(Path(champion_dir), cache)
+    challenger, tokenizer = load_ranking_model(Path(challenger_dir), cache)
+    champion.to(device)
+    challenger.to(device)
+    metrics: dict[str, float] = {}
+    champ = evaluate_on_holdout(champion, champion_tokenizer, examples, item_ids, cfg)
+    chall = evaluate_on_holdout(challenger, tokenizer, examples, item_ids, cfg, top_k=cfg.mlflow.top_k)
+    metrics.update(champ.metrics("champion/test/"))
+    metrics.update(chall.metrics("challenger/test/"))
+    metrics.update(new_item_stats(chall.result.top_k, examples, new_items))
+    if cfg.eval.retention:
+        metrics.update(compare_retention(champion, challenger, tokenizer, cfg).metrics)
+    return metrics
+
+
+def run_evaluation(cfg: Config, warm: WarmStart, checkpoint: Path, shard_dir: Path) -> dict[str, float]:
+    from tune.registry import servable_model_dir
+
+    args = (str(warm.model_dir), str(servable_model_dir(checkpoint)), str(shard_dir), str(warm.items_path),
+            cfg.model_dump(mode="json"))
+    if cfg.train.use_gpu:  # two copies of a 3B model: evaluate on a GPU worker, not the head
+        task = ray.remote(num_gpus=1, num_cpus=cfg.train.cpus_per_worker)(evaluate_night)
+        return ray.get(task.remote(*args))
+    return evaluate_night(*args)
+
+
+def scores_of(metrics: Mapping[str, float], who: str) -> ModelScores:
+    return ModelScores(unified=float(metrics.get(f"{who}/{UNIFIED}", math.nan)),
+                       perplexity=metrics.get(f"{who}/retention/ppl"),
+                       metrics={k: v for k, v in metrics.items() if k.startswith(f"{who}/")})
+
+
+# --------------------------------------------------------------------------------- record
+
+
+def find_night_run(experiment_id: str, key: str) -> Run | None:
+    runs = MlflowClient().search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'",
+                                      max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def _decided(run: Run, key: str) -> NightlyOutcome:
+    tags = run.data.tags
+    return NightlyOutcome(
+        status="already_decided", night=key, run_id=run.info.run_id,
+        message=f"night {key} was already decided ({tags[DECISION]}, version {tags.get(VERSION)}); "
+                "nothing to do", challenger=tags.get(VERSION), metrics=dict(run.data.metrics))
+
+
+def _version_tags(cfg: Config, manifest: Mapping[str, Any], plan: NightPlan, run_id: str, parent: VersionInfo,
+                  params: Mapping[str, float | int], metrics: Mapping[str, float]) -> dict[str, str]:
+    challenger = {k[len("challenger/"):]: v for k, v in metrics.items() if k.startswith("challenger/test/")}
+    tags = {**run_tags(cfg, manifest), KEY_TAG: plan.key, f"{T}run_id": run_id,
+            f"{TAG_PREFIX}parent_version": parent.version,
+            f"{TAG_PREFIX}eval_protocol": f"time cut: trained on <= {plan.training_days[-1]}, "
+                                          f"tested on {plan.holdout_day}",
+            **{f"{PARAM_TAG_PREFIX}{k}": str(v) for k, v in params.items()},
+            **metric_tags({k[len("test/"):]: v for k, v in challenger.items()})}
+    return tags
+
+
+def _register(cfg: Config, run: Run, checkpoint: Path, shard_dir: Path, tcfg: Config,
+              tags: Mapping[str, str], description: str) -> VersionInfo:
+    """Tonight's version, registered once (found again by run id after a crash)."""
+    name = cfg.mlflow.registered_model
+    client = MlflowClient()
+    known = find_versions(name, f"{T}run_id", run.info.run_id)
+    if known:
+        return known[-1]
+    model_uri = run.data.tags.get(MODEL_URI)
+    if model_uri is None:
+        model_uri = log_ranker(checkpoint, shard_dir / "items.parquet", tcfg).model_uri
+        client.set_tag(run.info.run_id, MODEL_URI, model_uri)
+    return register_version(model_uri, name, tags, description, alias=None)
+
+
+def _description(parent: VersionInfo, plan: NightPlan, metrics: Mapping[str, float],
+                 decision: Decision | None) -> str:
+    head = (f"Nightly {plan.key}: v{parent.version} fine-tuned on {list(plan.training_days)}, evaluated with "
+            f"the champion on holdout day {plan.holdout_day}: unified "
+            f"{metrics.get('challenger/' + UNIFIED, math.nan):.4f} vs champion "
+            f"{metrics.get('champion/' + UNIFIED, math.nan):.4f}.")
+    if decision is None:
+        return head + " Decision pending."
+    return f"{head} {decision.verdict.capitalize()}: " + "; ".join(decision.reasons) + "."
+
+
+def params_from_run_data(run: Run) -> dict[str, float | int]:
+    """Params logged by an earlier attempt of the same night (``param.<field>``)."""
+    logged = run.data.params
+    return params_from_run({k[len("param."):]: v for k, v in logged.items() if k.startswith("param.")})
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def run_nightly(cfg: Config) -> NightlyOutcome:
+    """Run (or finish) tonight's retraining; Ray is initialised by the caller."""
+    _check_crash_env()
+    started = time.perf_counter()
+    experiment_id = setup_tracking(cfg)
+    name = cfg.mlflow.registered_model
+    events_root, items_path = log_locations(cfg)
+    partitions = list_partitions(events_root)
+    if not partitions:
+        raise NightlyError(f"no day partitions with data under {events_root}")
+    previous = find_night_run(experiment_id, partitions[-1])
+    if previous is not None and DECISION in previous.data.tags:
+        if previous.info.status != "FINISHED":
+            MlflowClient().set_terminated(previous.info.run_id, "FINISHED")
+        return _decided(previous, partitions[-1])
+
+    client = MlflowClient()
+    if previous is not None:
+        start_version = previous.data.tags[CHAMPION_AT_START]
+        parent = VersionInfo.from_mlflow(client.get_model_version(name, start_version))
+    else:
+        champion = get_champion(name)
+        if champion is None:
+            raise NightlyError(f"registered model {name!r} has no champion; run pipelines/full.py first")
+        parent = champion
+    watermark = parse_watermark(parent.watermark)
+    if watermark is None:
+        raise NightlyError(f"{parent.uri} has no {TAG_PREFIX}watermark tag, so the new partitions are "
+                           "unknown; tag it with the newest day it was trained on (YYYY-MM-DD)")
+    plan = plan_night(partitions, watermark, cfg.nightly.history_days)
+    if plan is None:
+        return NightlyOutcome(status="no_new_data", champion=parent.version,
+                              message=f"no partition newer than the champion's watermark {watermark} "
+                                      f"(newest: {partitions[-1]}); nothing to do")
+
+    tags = {**run_tags(cfg, None), KEY_TAG: plan.key, CHAMPION_AT_START: parent.version,
+            f"{T}new_partitions": json.dumps(list(plan.new_partitions)),
+            f"{T}history_partitions": json.dumps(list(plan.history_partitions))}
+    with mlflow.start_run(run_id=previous.info.run_id if previous else None,
+                          run_name=None if previous else f"nightly-{plan.key}",
+                          experiment_id=None if previous else experiment_id,
+                          tags=None if previous else tags, log_system_metrics=False) as active:
+        run = client.get_run(active.info.run_id)
+        attempt = int(run.data.tags.get(ATTEMPTS, "0")) + 1
+        mlflow.set_tag(ATTEMPTS, str(attempt))
+        log.info("night %s (attempt %d): champion v%s, new %s, history %s", plan.key, attempt, parent.version,
+                 list(plan.new_partitions), list(plan.history_partitions))
+
+        shard_dir, manifest = preprocess_night(cfg, plan, events_root, items_path)
+        mlflow.set_tags(run_tags(cfg, manifest))
+        mlflow.log_dict(manifest, "data/manifest.json")
+        crash_point("after_preprocess")
+
+        warm = fetch_champion(parent, night_dir(cfg, plan.key) / "champion")
+        params = champion_params(parent)
+        tcfg = challenger_config(cfg, warm, params)
+        checkpoint_tag = run.data.tags.get(CHECKPOINT)
+        if checkpoint_tag and Path(checkpoint_tag).is_dir():
+            checkpoint = Path(checkpoint_tag)
+            used = params_from_run_data(run) or {**params, **cfg.nightly.override_params}
+            log.info("night %s: challenger already trained (%s); not training again", plan.key, checkpoint)
+        else:
+            checkpoint, best, history = train_challenger(cfg, tcfg, shard_dir, manifest, plan,
+                                                         active.info.run_id, experiment_id)
+            used = {**params, **cfg.nightly.override_params, **best}
+            mlflow.log_params({f"param.{k}": v for k, v in used.items()})
+            mlflow.log_dict(json.loads(tcfg.model_dump_json()), "config/challenger_config.json")
+            _log_history(history)
+            mlflow.set_tags({CHECKPOINT: str(checkpoint), TRAINED_IN: str(attempt)})
+        crash_point("after_train")
+
+        if EVALUATED in run.data.tags:
+            metrics = dict(run.data.metrics)
+        else:
+            metrics = run_evaluation(tcfg, warm, checkpoint, shard_dir)
+            mlflow.log_metrics(metrics)
+            mlflow.set_tag(EVALUATED, "1")
+        crash_point("after_evaluate")
+
+        champion_scores, challenger_scores = scores_of(metrics, "champion"), scores_of(metrics, "challenger")
+        version = _register(cfg, client.get_run(active.info.run_id), checkpoint, shard_dir, tcfg,
+                            _version_tags(cfg, manifest, plan, active.info.run_id, parent, used, metrics),
+                            _description(parent, plan, metrics, None))
+        mlflow.set_tag(VERSION, version.version)
+        crash_point("after_register")
+
+        decision = decide(champion_scores, challenger_scores, cfg.nightly.tolerance,
+                          cfg.nightly.retention_tolerance)
+        mlflow.log_dict(decision.as_dict(), "decision.json")
+        mlflow.log_metrics({"decision/promoted": float(decision.promote),
+                            "decision/unified_delta": decision.unified_delta,
+                            **({"decision/perplexity_ratio": decision.perplexity_ratio}
+                               if decision.perplexity_ratio is not None else {})})
+        crash_point("before_promote")
+        if decision.promote:
+            promote(name, version.version)
+        else:
+            set_alias(name, CHALLENGER, version.version)
+        client.set_model_version_tag(name, version.version, f"{TAG_PREFIX}nightly_decision", decision.verdict)
+        client.update_model_version(name, version.version,
+                                    description=_description(parent, plan, metrics, decision))
+        wall = time.perf_counter() - started
+        mlflow.log_metric("nightly/wall_s", wall)
+        mlflow.set_tag(DECISION, decision.verdict)  # the night's commit marker: written last
+    champion_now = get_champion(name)
+    return NightlyOutcome(
+        status="promoted" if decision.promote else "rejected", night=plan.key, run_id=active.info.run_id,
+        champion=champion_now.version if champion_now else None, challenger=version.version,
+        metrics={**metrics, "nightly/wall_s": wall}, reasons=list(decision.reasons),
+        message=(f"night {plan.key}: v{version.version} {decision.verdict} against v{parent.version} "
+                 f"(unified {challenger_scores.unified:.4f} vs {champion_scores.unified:.4f})"))
+
