@@ -44,7 +44,7 @@ FALLBACK_PROMPTS: tuple[str, ...] = (
     "The river valley was first settled by farmers who",
     "In mathematics, a prime number is",
     "The orchestra began the second movement slowly, and",
-    "Photosynthesis converts light energy into",
+    "Glaciers move slowly down the mountain, carving",
     "During the winter of that year, the city council decided",
     "A well-written letter of recommendation should",
     "The old lighthouse keeper climbed the stairs every evening to",

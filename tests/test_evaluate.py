@@ -84,3 +84,48 @@ def test_subsample_per_task_is_seeded_and_capped() -> None:
     assert a.equals(subsample_per_task(ex, 4, seed=1))
     assert not a.equals(subsample_per_task(ex, 4, seed=2))
     assert subsample_per_task(ex, None).equals(ex)
+
+
+def test_evaluate_model_matches_independent_per_prompt_scoring(tiny_model_and_tokenizer,
+                                                               tiny_items, tiny_cfg) -> None:
+    """The LLM path (prompt encoding, batching, item order) equals scoring each prompt alone."""
+    from gems.evaluate import evaluate_model, evaluate_with_config
+    from gems.model import add_item_tokens
+    from gems.prompts import encode_prompt, format_prompt
+
+    model, tokenizer = tiny_model_and_tokenizer
+    item_token_ids = torch.tensor(add_item_tokens(model, tokenizer, tiny_items))
+    catalog = [item_id for item_id, _ in tiny_items]
+    titles = dict(tiny_items)
+    rows = []
+    for i in range(12):
+        task = "rec" if i % 3 else "search"
+        history = [catalog[(i + j) % 20] for j in range(3)]
+        query = "desk lamp for the office" if task == "search" else None
+        prompt = format_prompt(task, [(h, titles[h]) for h in history], query, 3)
+        rows.append({"example_id": f"x{i}", "task": task, "prompt": prompt, "query": query,
+                     "history_item_ids": history, "target_item_id": catalog[(i * 7) % 20]})
+    examples = pl.DataFrame(rows)
+
+    def alone(batch: pl.DataFrame) -> torch.Tensor:
+        out = []
+        for prompt in batch["prompt"].to_list():
+            ids = torch.tensor([encode_prompt(tokenizer, prompt, 64)])
+            with torch.no_grad():
+                out.append(model(input_ids=ids).logits[0, -1, item_token_ids])
+        return torch.stack(out)
+
+    result = evaluate_model(model, tokenizer, examples, catalog, item_token_ids, max_len=64,
+                            batch_size=5, num_negatives=10, progress=False, top_k=4)
+    reference = evaluate_scorer(alone, examples, catalog, batch_size=1, num_negatives=10,
+                                progress=False, top_k=4)
+    assert set(result.metrics) == {"search", "rec"}
+    for task, protos in reference.metrics.items():
+        for proto, named in protos.items():
+            assert result.metrics[task][proto] == pytest.approx(named, abs=1e-6)
+    assert result.top_k["top_item_ids"].to_list() == reference.top_k["top_item_ids"].to_list()
+    capped = evaluate_with_config(model, tokenizer, examples, catalog, item_token_ids,
+                                  tiny_cfg.model_copy(update={"eval": tiny_cfg.eval.model_copy(
+                                      update={"max_examples": 2})}), progress=False)
+    assert capped.metrics["rec"]["full"]["count"] == 2.0
+    assert capped.metrics["search"]["full"]["count"] == 2.0

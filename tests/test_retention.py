@@ -151,3 +151,12 @@ def test_real_wikitext_test_text_is_used_by_default(trained) -> None:
     assert "test.txt" in r.corpus and r.tokens >= 128
     assert r.mmlu_questions == 2 and r.mmlu_base == r.mmlu_tuned
     assert r.skipped == []
+
+
+def test_fallback_prompts_differ_from_basis_prompts() -> None:
+    from gems.nullspace import GENERATION_PROMPTS
+
+    def openings(prompts: tuple[str, ...]) -> set[str]:
+        return {" ".join(p.lower().split()[:3]) for p in prompts}
+
+    assert not openings(retention.FALLBACK_PROMPTS) & openings(GENERATION_PROMPTS)
