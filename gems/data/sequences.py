@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from gems.data.schema import QUARANTINE_SCHEMA, SHARD_SCHEMA, SPLITS, TASKS, Reason, conform
 from gems.prompts import EMPTY_HISTORY, HISTORY_SEP, prompt_head, prompt_tail
@@ -66,30 +69,36 @@ def _split_time_cut(cut_day: str) -> pl.Expr:
             .when(before).then(pl.lit("train")))
 
 
-def _histories(clicks: pl.DataFrame, params: SequenceParams) -> pl.DataFrame:
+def _histories(clicks: pl.DataFrame, entries: pl.DataFrame, params: SequenceParams) -> pl.DataFrame:
     """history_item_ids and the joined history text of every click.
 
     In the user-sorted frame, the H clicks strictly before a click's second are the contiguous rows
-    [max(user_start, g - H), g), where g is the first row of its (user, ts) group; they are
-    gathered by index (no per-user loop), then occurrences of the target item are left out.
+    [max(user_start, g - H), g), where g is the first row of its (user, ts) group. They are
+    gathered as an (n, H) index matrix with numpy (no per-user loop), occurrences of the target
+    item are masked out, and the surviving item codes become Arrow list columns in one step.
     """
     new_user = (pl.col("user_id") != pl.col("user_id").shift(1)).fill_null(True)
     new_second = new_user | (pl.col("ts") != pl.col("ts").shift(1)).fill_null(True)
-    frame = clicks.with_columns(
-        pl.when(new_user).then(pl.col("_i")).forward_fill().alias("_start"),
-        pl.when(new_second).then(pl.col("_i")).forward_fill().alias("_second"),
+    bounds = clicks.select(
+        pl.when(new_user).then(pl.col("_i")).forward_fill().cast(pl.Int64).alias("start"),
+        pl.when(new_second).then(pl.col("_i")).forward_fill().cast(pl.Int64).alias("second"),
+        pl.col("_code").cast(pl.Int64).alias("code"),
     )
-    ids, texts = [], []
-    for k in range(params.history_len, 0, -1):  # oldest first
-        idx = pl.col("_second").cast(pl.Int64) - k
-        item = pl.col("item_id").gather(idx.clip(lower_bound=0))
-        keep = (idx >= pl.col("_start").cast(pl.Int64)) & (item != pl.col("item_id"))
-        ids.append(pl.when(keep).then(item))
-        texts.append(pl.when(keep).then(pl.col("entry").gather(idx.clip(lower_bound=0))))
-    return frame.with_columns(
-        pl.concat_list(ids).list.drop_nulls().alias("history_item_ids"),
-        pl.concat_list(texts).list.drop_nulls().list.join(HISTORY_SEP).alias("_history"),
-    ).drop("_start", "_second")
+    start, second, code = (bounds[c].to_numpy() for c in ("start", "second", "code"))
+    idx = second[:, None] - np.arange(params.history_len, 0, -1)[None, :]  # oldest first
+    history = code[np.clip(idx, 0, None)]
+    keep = (idx >= start[:, None]) & (history != code[:, None])
+    offsets = pa.array(np.concatenate([[0], np.cumsum(keep.sum(axis=1))]), pa.int64())
+    picked = pa.array(history[keep])  # row-major: each row's entries stay in time order
+
+    def as_list(column: str) -> pl.Series:
+        return pl.from_arrow(pa.LargeListArray.from_arrays(offsets, pc.take(entries[column].to_arrow(),
+                                                                              picked)))
+
+    return clicks.with_columns(
+        as_list("item_id").alias("history_item_ids"),
+        as_list("entry").list.join(HISTORY_SEP).alias("_history"),
+    )
 
 
 def _prompt() -> pl.Expr:
@@ -123,12 +132,12 @@ def build_bucket(staged: pl.DataFrame, entries: pl.DataFrame, params: SequencePa
     new_user = (pl.col("user_id") != pl.col("user_id").shift(1)).fill_null(True)
     clicks = clicks.with_columns(
         (pl.col("_i") - pl.when(new_user).then(pl.col("_i")).forward_fill()).alias("_pos"))
-    clicks = clicks.join(entries.select("item_id", "entry"), on="item_id", how="left",
-                         maintain_order="left")
-    if clicks["entry"].null_count():
-        missing = clicks.filter(pl.col("entry").is_null())["item_id"].unique().head(5).to_list()
+    entries = entries.select("item_id", "entry")
+    clicks = clicks.join(entries.with_row_index("_code"), on="item_id", how="left", maintain_order="left")
+    if clicks["_code"].null_count():
+        missing = clicks.filter(pl.col("_code").is_null())["item_id"].unique().head(5).to_list()
         raise ValueError(f"events reference items without a catalog entry: {missing}")
-    clicks = _histories(clicks, params)
+    clicks = _histories(clicks, entries, params)
     split = (_split_leave_one_out() if params.split_mode == "leave_one_out"
              else _split_time_cut(str(params.cut_day)))
     clicks = clicks.with_columns(split.alias("split"))
@@ -164,6 +173,6 @@ def _stats(valid: pl.DataFrame, clicks: pl.DataFrame, examples: pl.DataFrame,
         "query_truncated": int(valid["query_truncated"].sum()),
         "users": valid["user_id"].n_unique(),
         "max_ts": valid["ts"].max(),
-        "days": sorted(valid.select(pl.from_epoch("ts", "s").dt.strftime("%Y-%m-%d").unique())
-                       .to_series().to_list()),
+        "days": sorted(datetime.fromtimestamp(day * 86_400, UTC).date().isoformat()
+                       for day in (valid["ts"] // 86_400).unique().to_list()),
     }
