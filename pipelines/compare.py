@@ -1,0 +1,72 @@
+"""Quality study: GEMS vs AdamW, LoRA, GaLore and the popularity / BM25 floors on the same splits.
+
+Run:  .venv/bin/python pipelines/compare.py --config amazon \
+          --methods gems,adamw,lora,galore,popularity,bm25 --seeds 0,1 --out docs/study
+      .venv/bin/python pipelines/compare.py --smoke-test --out /tmp/compare-smoke
+Ablations (DESIGN.md section 5 switches) are methods too: named variants
+  gems-shared (gems.task_subspaces=false), gems-nonull (gems.k=0), gems-fixedgate (fixed_gate=0.5),
+  gems-nocomp (complementary=false), gems-rotate|gems-keep|gems-reset (moment_transfer),
+  gems-input|gems-output (nullspace_side)
+or inline overrides of any method: --methods "gems,gems[k=0],gems[fixed_gate=0.5,tau=2],lora[lora_r=8]"
+(bare keys are gems.* fields; train.lr is allowed per method; the budget - steps, batch, sequence
+length, seed, data, eval - is shared and changes only with --set, for every method at once).
+Writes OUT/results.csv (method, task, metric, protocol, value, seed), OUT/results.md,
+OUT/timings.csv, plots, and one MLflow parent run with a child run per method and seed.
+Re-running with the same --out skips the (method, seed) pairs already in results.csv (--no-resume
+to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gems.config import ConfigError, load_config  # noqa: E402
+from tune.compare import run_comparison  # noqa: E402
+from tune.compare_methods import parse_methods, parse_seeds  # noqa: E402
+
+DEFAULT_METHODS = "gems,adamw,lora,galore,popularity,bm25"
+SMOKE = ["state_dir=.state/compare-smoke", "data.synthetic_users=30", "data.synthetic_items=40",
+         "data.num_buckets=2", "train.max_steps=3", "train.batch_size=4", "train.report_every=1",
+         "train.checkpoint_every=3", "train.warmup_steps=1", "train.precision=fp32", "gems.t_svd=2",
+         "eval.max_examples=8", "eval.mmlu_questions=4", "eval.retention_max_tokens=128",
+         "eval.num_negatives=9"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--config", default="amazon", help="YAML config (name in pipelines/configs or path)")
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    ap.add_argument("--seeds", default="0", help="training seeds for the LLM methods, e.g. 0,1")
+    ap.add_argument("--out", required=True, type=Path, help="output directory")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field for every method, e.g. --set train.max_steps=50")
+    ap.add_argument("--smoke-test", action="store_true", help="tiny model, tiny synthetic data, seconds")
+    ap.add_argument("--no-resume", action="store_true", help="ignore results already in --out")
+    ap.add_argument("--keep-checkpoints", action="store_true", help="keep each run's Ray Train storage")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        config = "tiny" if args.smoke_test else args.config
+        cfg = load_config(config, (SMOKE if args.smoke_test else []) + list(args.set))
+        specs = parse_methods(args.methods)
+        seeds = parse_seeds(args.seeds)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    command = "python pipelines/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    outcome = run_comparison(cfg, specs, args.out, seeds, command=command, resume=not args.no_resume,
+                             keep_checkpoints=args.keep_checkpoints, on_progress=print)
+    print((args.out / "results.md").read_text())
+    print(f"results: {outcome.files['csv']}  MLflow parent run: {outcome.parent_run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

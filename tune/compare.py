@@ -1,0 +1,274 @@
+"""The quality study: every method on the same splits, budget and seeds, measured the same way.
+
+For each LLM method (and ablation variant) and seed: Ray Train fine-tunes it (``tune.trainer``
+through ``tune.compare_loop``), the final checkpoint is loaded back on the driver, ranked on TEST
+under both protocols (full catalog, sampled negatives) with ``gems.evaluate``, and compared with
+the untouched base model on general-domain text (``gems.retention``). The floors (popularity,
+BM25) are scored on the same test rows by the same evaluator. Each run is a nested MLflow child
+run of one parent (params,
+per-step training metrics incl. the gradient conflict coefficient, test and retention metrics,
+wall times); results.csv / results.md / plots are rewritten after every finished run, so a long
+study that is interrupted keeps what finished, and ``resume`` skips the (method, seed) pairs
+already in results.csv.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import polars as pl
+import ray
+import torch
+
+from gems.checkpoint import load_model_weights
+from gems.config import Config
+from gems.data.shards import read_items, read_manifest, read_split
+from gems.evaluate import evaluate_with_config, subsample_per_task
+from gems.floors import evaluate_floors
+from gems.metrics import flatten_metrics
+from gems.model import add_item_tokens, item_token_ids, load_backbone
+from gems.nullspace import bases_for_run, save_bases
+from gems.retention import retention_with_config
+from tune import compare_results as res
+from tune.compare_loop import train
+from tune.compare_methods import MethodSpec
+from tune.tracking import log_run_context, parent_run, run_tags, setup_tracking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ComparisonOutcome:
+    out_dir: Path
+    rows: list[res.Row]
+    timings: list[res.Timing]
+    files: dict[str, Path]
+    parent_run_id: str
+    skipped: list[str] = field(default_factory=list)  # (method, seed) pairs resumed from disk
+
+
+# ------------------------------------------------------------------------------------- setup
+
+
+def ensure_ray(cfg: Config) -> None:
+    """A local Ray big enough for one training run (workers x CPUs) if none is running."""
+    if not ray.is_initialized():
+        cpus = max(2, math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker))
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+
+
+def prepare_shards(cfg: Config) -> tuple[Path, dict[str, Any]]:
+    """Prompt shards for cfg.data: reused when their manifest was built from the same data config."""
+    from pipelines.stages.preprocess import run_preprocess
+
+    shard_dir = cfg.resolve(cfg.data.output_dir)
+    try:
+        manifest = read_manifest(shard_dir)
+        if manifest.get("config", {}).get("data") == cfg.data.model_dump(mode="json"):
+            log.info("compare: reusing shards %s (fingerprint %s)", shard_dir,
+                     str(manifest.get("fingerprint"))[:12])
+            return shard_dir, manifest
+    except (FileNotFoundError, ValueError, OSError):
+        pass
+    ensure_ray(cfg)
+    return shard_dir, run_preprocess(cfg)
+
+
+def catalog(shard_dir: Path) -> tuple[pl.DataFrame, list[str]]:
+    """Items in the order the training loop adds their tokens (sorted by id)."""
+    items = read_items(shard_dir).sort("item_id")
+    return items, [str(i) for i in items["item_id"].to_list()]
+
+
+def bases_file(cfg: Config, base_model: torch.nn.Module, tokenizer: Any) -> Path | None:
+    """Null-space bases for a GEMS run (None when the run does not protect anything)."""
+    if cfg.gems.method != "gems" or (cfg.gems.k == 0 and cfg.gems.energy is None):
+        return None
+    cache = cfg.resolve("cache/nullspace")
+    bases = bases_for_run(base_model, tokenizer, cfg.gems, cache)
+    cached = bases.info.get("cache")
+    if cached and cached != "none" and Path(cached).is_file():
+        return Path(cached)
+    path = cache / f"compare-{uuid.uuid4().hex[:8]}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_bases(bases, path)
+    return path
+
+
+def load_tuned(cfg: Config, checkpoint: Path, items: pl.DataFrame) -> tuple[torch.nn.Module, Any]:
+    """The fine-tuned model from a training checkpoint, built exactly as the worker built it."""
+    model, tokenizer = load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
+    add_item_tokens(model, tokenizer, list(zip(items["item_id"].to_list(), items["title"].to_list(),
+                                               strict=True)))
+    if cfg.gems.method == "lora":
+        from peft import PeftModel  # the adapter config says exactly how the worker wrapped it
+
+        model = PeftModel.from_pretrained(model, str(checkpoint / "model")).merge_and_unload()
+    else:
+        load_model_weights(model, checkpoint)
+    model.eval()
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+def _floor_rows(cfg: Config, shard_dir: Path, test: pl.DataFrame, items: pl.DataFrame,
+                item_ids: list[str], specs: Sequence[MethodSpec]) -> tuple[list[res.Row], list[res.Timing]]:
+    wanted = {s.method for s in specs if not s.is_llm}
+    started = time.perf_counter()
+    results = evaluate_floors(read_split(shard_dir, "train"), test, items, item_ids,
+                              batch_size=cfg.eval.batch_size, mask_history_rec=cfg.eval.mask_history_rec,
+                              num_negatives=cfg.eval.num_negatives, seed=cfg.data.seed, ks=cfg.eval.ks,
+                              progress=False)
+    elapsed = time.perf_counter() - started
+    rows = [r for name, result in results.items() if name in wanted
+            for r in res.ranking_rows(name, cfg.data.seed, result.metrics)]
+    timings = [res.Timing(name, cfg.data.seed, 0, 0.0, elapsed, 0.0, elapsed, math.nan)
+               for name in results if name in wanted]
+    return rows, timings
+
+
+def _numeric(d: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, int | float) and not isinstance(v, bool)
+            and math.isfinite(float(v)) and k != "step"}
+
+
+def _run_llm(cfg: Config, spec: MethodSpec, seed: int, shard_dir: Path, test: pl.DataFrame,
+             items: pl.DataFrame, item_ids: list[str], base_model: torch.nn.Module, base_tokenizer: Any,
+             keep_checkpoints: bool) -> tuple[list[res.Row], res.Timing, list[dict]]:
+    """Train one method/seed on Ray Train, evaluate it on test, measure retention; log to MLflow."""
+    run_cfg = spec.config(cfg, seed)
+    started = time.perf_counter()
+    bases_path = bases_file(run_cfg, base_model, base_tokenizer)
+    run_name = f"{cfg.name}-compare-{res.safe_name(spec.label)}-s{seed}-{uuid.uuid4().hex[:6]}"
+    outcome = train(run_cfg, shard_dir, bases_path, run_name)
+    train_s = time.perf_counter() - started
+    if outcome.checkpoint_path is None:
+        raise RuntimeError(f"{spec.label} seed {seed}: training produced no local checkpoint")
+    t0 = time.perf_counter()
+    tuned, tokenizer = load_tuned(run_cfg, outcome.checkpoint_path, items)
+    token_ids = item_token_ids(tokenizer, item_ids)
+    result = evaluate_with_config(tuned, tokenizer, test, item_ids, token_ids, run_cfg, progress=False)
+    eval_s = time.perf_counter() - t0
+    rows = res.ranking_rows(spec.label, seed, result.metrics)
+    t1 = time.perf_counter()
+    retention = None
+    if run_cfg.eval.retention:
+        retention = retention_with_config(base_model, tuned, tokenizer, run_cfg)
+        rows += res.retention_rows(spec.label, seed, retention)
+    retention_s = time.perf_counter() - t1
+    steps = [h["train/step_time_s"] for h in outcome.history if "train/step_time_s" in h]
+    timing = res.Timing(spec.label, seed, run_cfg.train.max_steps, train_s, eval_s, retention_s,
+                        time.perf_counter() - started, sum(steps) / len(steps) if steps else math.nan)
+    with mlflow.start_run(run_name=f"{spec.label} seed {seed}", nested=True,
+                          tags={**run_tags(run_cfg, None), "gems.compare_label": spec.label,
+                                "gems.overrides": ";".join(spec.overrides)}):
+        mlflow.log_params({"method": spec.method, "seed": seed, "label": spec.label,
+                           **{f"gems.{k}": v for k, v in run_cfg.gems.model_dump(mode="json").items()
+                              if not isinstance(v, dict | list)},
+                           **{f"train.{k}": v for k, v in run_cfg.train.model_dump(mode="json").items()}})
+        for h in outcome.history:
+            mlflow.log_metrics(_numeric(h), step=int(h.get("step", 0)))
+        mlflow.log_metrics({**flatten_metrics(result.metrics, prefix="test/"),
+                            **(retention.metrics() if retention else {}),
+                            "time/train_s": train_s, "time/eval_s": eval_s, "time/retention_s": retention_s})
+        if retention and retention.skipped:
+            mlflow.set_tag("gems.retention_skipped", "; ".join(retention.skipped))
+    del tuned
+    if not keep_checkpoints:  # SmolLM2 checkpoints are ~1-2 GB each (weights + optimizer state)
+        shutil.rmtree(outcome.run_path, ignore_errors=True)
+    return rows, timing, outcome.history
+
+
+def _study_header(cfg: Config, command: str, manifest: dict[str, Any], test: pl.DataFrame,
+                  seeds: Sequence[int]) -> str:
+    tc = cfg.train
+    counts = test.group_by("task").len().sort("task").iter_rows()
+    return (f"# Comparison: {cfg.name}\n\nCommand: `{command}`\n\n"
+            f"Backbone `{cfg.model.name_or_path}`; data `{cfg.data.source}` "
+            f"(fingerprint {str(manifest.get('fingerprint', ''))[:12]}, counts {manifest.get('counts')}); "
+            f"test rows evaluated: {dict(counts)}. Budget per LLM run: {tc.max_steps} steps x batch "
+            f"{tc.batch_size} (search share {tc.search_fraction}), max {tc.max_seq_len} tokens, lr {tc.lr}, "
+            f"seeds {list(seeds)}. Values: mean ± std over seeds (floors are deterministic). "
+            f"Rec rankings mask history items: {cfg.eval.mask_history_rec}.\n")
+
+
+def run_comparison(cfg: Config, specs: Sequence[MethodSpec], out_dir: Path, seeds: Sequence[int],
+                   command: str = "", resume: bool = True, keep_checkpoints: bool = False,
+                   on_progress: Callable[[str], None] | None = None) -> ComparisonOutcome:
+    """Run every spec x seed (floors once), writing results after each run; see module docstring."""
+    say = on_progress or log.info
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard_dir, manifest = prepare_shards(cfg)
+    items, item_ids = catalog(shard_dir)
+    test = subsample_per_task(read_split(shard_dir, "test"), cfg.eval.max_examples, cfg.data.seed)
+    order = [s.label for s in specs]
+    rows = [r for r in res.read_rows(out_dir / "results.csv") if r.method in order] if resume else []
+    timings = [t for t in res.read_timings(out_dir / "timings.csv") if t.method in order] if resume else []
+    histories = {k: v for k, v in res.read_histories(out_dir).items() if k[0] in order} if resume else {}
+    done = {(r.method, r.seed) for r in rows}
+    header = _study_header(cfg, command, manifest, test, seeds)
+
+    def publish() -> dict[str, Path]:
+        files = res.write_results(out_dir, rows, timings, order, header, cfg.eval.num_negatives)
+        files.update(res.write_plots(out_dir, rows, order, histories))
+        for path in files.values():
+            mlflow.log_artifact(str(path), artifact_path="comparison")
+        return files
+
+    experiment_id = setup_tracking(cfg)
+    tags = {**run_tags(cfg, manifest), "gems.pipeline": "compare", "gems.methods": ",".join(order)}
+    skipped: list[str] = []
+    with parent_run(f"{cfg.name}-compare", tags) as parent:
+        log_run_context(cfg, manifest, shard_dir)
+        mlflow.log_params({"methods": ",".join(order)[:500], "seeds": ",".join(map(str, seeds)),
+                           "experiment_id": experiment_id, "command": command[:500]})
+        files = publish()
+        floors = [s for s in specs if not s.is_llm and (s.method, cfg.data.seed) not in done]
+        if floors:
+            floor_rows, floor_timings = _floor_rows(cfg, shard_dir, test, items, item_ids, floors)
+            rows += floor_rows
+            timings += floor_timings
+            say(f"floors {[s.label for s in floors]} done")
+            files = publish()
+        llm = [s for s in specs if s.is_llm]
+        if llm:
+            ensure_ray(cfg)
+            base_model, base_tokenizer = load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
+            for seed in seeds:  # seed-major: a study cut short still has every method for seed 0
+                for spec in llm:
+                    if (spec.label, seed) in done:
+                        skipped.append(f"{spec.label} seed {seed}")
+                        continue
+                    say(f"{spec.label} seed {seed}: training")
+                    run_rows, timing, history = _run_llm(cfg, spec, seed, shard_dir, test, items, item_ids,
+                                                         base_model, base_tokenizer, keep_checkpoints)
+                    rows += run_rows
+                    timings.append(timing)
+                    histories[(spec.label, seed)] = history
+                    res.write_history(out_dir, spec.label, seed, history)
+                    files = publish()
+                    say(f"{spec.label} seed {seed}: done in {timing.total_s:.0f} s "
+                        f"(train {timing.train_s:.0f}, eval {timing.eval_s:.0f}, "
+                        f"retention {timing.retention_s:.0f})")
+        return ComparisonOutcome(out_dir, rows, timings, files, parent.info.run_id, skipped)
+
+
+def expected_metrics(spec: MethodSpec, retention: bool) -> set[tuple[str, str, str]]:
+    """(task, metric, protocol) every run of ``spec`` must produce (the smoke test's contract)."""
+    tasks = ("search",) if spec.method == "bm25" else ("search", "rec")
+    out = {(t, m, p) for t in tasks for m in res.RANKING_METRICS for p in ("full", "sampled")}
+    if spec.is_llm and retention:
+        out |= {("general", m, res.RETENTION) for m in res.RETENTION_METRICS}
+    return out
