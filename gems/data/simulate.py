@@ -238,9 +238,11 @@ def day_name(params: SimulationParams, day: int) -> str:
     return (date.fromisoformat(params.start_date) + timedelta(days=day)).isoformat()
 
 
-def simulate(out: str | Path, params: SimulationParams) -> dict[str, object]:
+def simulate(out: str | Path, params: SimulationParams, rows_per_file: int = ROWS_PER_FILE
+             ) -> dict[str, object]:
     """Write the simulated logs under ``out`` (replacing an earlier simulation there) and return a
-    summary. Refuses a non-empty directory that is not a simulation, so it never deletes user data."""
+    summary. Refuses a non-empty directory that is not a simulation, so it never deletes user data.
+    ``rows_per_file`` caps each Parquet file (a preprocessing task reads one file at a time)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise FileExistsError(f"{out} is not empty and holds no {MARKER}; refusing to overwrite it")
@@ -255,8 +257,8 @@ def simulate(out: str | Path, params: SimulationParams) -> dict[str, object]:
         events = _day_events(params, day, items, interest, activity, search_share)
         part_dir = out / "events" / f"dt={day_name(params, day)}"
         part_dir.mkdir(parents=True)
-        for i, lo in enumerate(range(0, max(events.height, 1), ROWS_PER_FILE)):
-            events.slice(lo, ROWS_PER_FILE).write_parquet(part_dir / f"part-{i:05d}.parquet")
+        for i, lo in enumerate(range(0, max(events.height, 1), rows_per_file)):
+            events.slice(lo, rows_per_file).write_parquet(part_dir / f"part-{i:05d}.parquet")
         per_day[day_name(params, day)] = events.height
         total += events.height
     items.select("item_id", "title", "text", "category",
