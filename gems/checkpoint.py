@@ -5,7 +5,8 @@ uninterrupted run would have taken next:
 
     model/               save_pretrained(safe_serialization=True) + tokenizer with item tokens
                          (a plain HF model dir, or a peft adapter dir for LoRA): servable as is
-    optimizer.pt         optimizer state (tensors and plain containers only)
+    optimizer.pt         optimizer state (tensors and plain containers only; GaLore's projector
+                         objects are stored as plain dicts and rebuilt on load)
     scheduler.pt         LR schedule state
     rng.pt               torch / CUDA / numpy / python RNG states, as tensors
     trainer_state.json   step, data position, and whatever the loop adds (metrics history, ...)
@@ -89,6 +90,44 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+GALORE_PROJECTORS = "galore_projectors"
+
+
+def plain_optimizer_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state with GaLore's projector objects moved out into plain dicts of tensors
+    and scalars (under ``galore_projectors``), so ``weights_only`` loading accepts it. They stay
+    outside ``state`` because ``Optimizer.load_state_dict`` mangles non-tensor values there."""
+    out = dict(state_dict)
+    out["state"], projectors = {}, {}
+    for key, entry in state_dict["state"].items():
+        entry = dict(entry)
+        projector = entry.pop("projector", None)
+        if projector is not None:
+            projectors[key] = dict(vars(projector))
+        out["state"][key] = entry
+    if projectors:
+        out[GALORE_PROJECTORS] = projectors
+    return out
+
+
+def load_optimizer_state(optimizer: Any, saved: dict[str, Any]) -> None:
+    """Inverse of :func:`plain_optimizer_state`: load, then rebuild GaLore's projectors."""
+    saved = dict(saved)
+    projectors = saved.pop(GALORE_PROJECTORS, {})
+    optimizer.load_state_dict(saved)
+    if not projectors:
+        return
+    from galore_torch.galore_projector import GaLoreProjector
+
+    index_to_param = {idx: p for saved_group, group in zip(saved["param_groups"], optimizer.param_groups,
+                                                            strict=True)
+                      for idx, p in zip(saved_group["params"], group["params"], strict=True)}
+    for idx, attrs in projectors.items():
+        projector = GaLoreProjector.__new__(GaLoreProjector)
+        projector.__dict__.update(attrs)
+        optimizer.state[index_to_param[idx]]["projector"] = projector
+
+
 def save_training_checkpoint(directory: Path, *, model: torch.nn.Module, tokenizer: Any,
                              optimizer: Stateful, scheduler: Stateful | None,
                              state: TrainerState) -> Path:
@@ -100,7 +139,7 @@ def save_training_checkpoint(directory: Path, *, model: torch.nn.Module, tokeniz
     model = _unwrap(model)
     model.save_pretrained(directory / MODEL_DIR, safe_serialization=True)
     tokenizer.save_pretrained(directory / MODEL_DIR)
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    torch.save(plain_optimizer_state(optimizer.state_dict()), directory / OPTIMIZER_FILE)
     if scheduler is not None:
         torch.save(scheduler.state_dict(), directory / SCHEDULER_FILE)
     torch.save(capture_rng_state(), directory / RNG_FILE)
@@ -182,7 +221,7 @@ def load_training_checkpoint(checkpoint_dir: Path, *, model: torch.nn.Module, op
     checkpoint_dir = Path(checkpoint_dir)
     state = read_trainer_state(checkpoint_dir)
     load_model_weights(model, checkpoint_dir)
-    optimizer.load_state_dict(safe_torch_load(checkpoint_dir / OPTIMIZER_FILE))
+    load_optimizer_state(optimizer, safe_torch_load(checkpoint_dir / OPTIMIZER_FILE))
     if scheduler is not None:
         scheduler.load_state_dict(safe_torch_load(checkpoint_dir / SCHEDULER_FILE))
     if restore_rng:

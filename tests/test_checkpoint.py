@@ -19,61 +19,74 @@ from gems.checkpoint import (
     read_trainer_state,
     save_training_checkpoint,
 )
-from gems.config import ModelConfig
+from gems.baselines import Method, build_method
+from gems.config import GEMSConfig, ModelConfig
 from gems.model import add_item_tokens, load_backbone
 from gems.schedule import build_lr_schedule
+from gems.step import TaskBatch
 
 ITEMS = [("a1", "red stapler"), ("b2", "laser printer toner"), ("c3", "blue pen")]
+IGNORE = -100
 
 
-def _setup(tmp_path: Path, tied: bool):
+def _setup(tmp_path: Path, tied: bool, method: str = "adamw"):
     cfg = ModelConfig(name_or_path="tiny-llama", tiny={"tie_word_embeddings": tied})
     model, tok = load_backbone(cfg, tmp_path / "cache")
-    add_item_tokens(model, tok, ITEMS)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return model, tok, opt, build_lr_schedule(opt, 1, 10)
+    item_ids = add_item_tokens(model, tok, ITEMS)
+    gems_cfg = GEMSConfig(method=method, k=0, r_shared=4, t_svd=2, lora_r=2)
+    built = build_method(model, gems_cfg, 1e-2, None, item_token_ids=item_ids)
+    return built, tok, build_lr_schedule(built.optimizer, 1, 10)
 
 
-def _step(model, opt, sched) -> None:
-    ids = torch.randint(0, model.config.vocab_size, (2, 6))  # draws from the torch RNG on purpose
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    opt.step()
+def _batch(vocab: int) -> TaskBatch:
+    ids = torch.randint(0, vocab, (2, 6))  # draws from the torch RNG on purpose
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -1] = ids[:, -1]
+    return TaskBatch(ids, torch.ones_like(ids), labels)
+
+
+def _step(method: Method, sched) -> None:
+    vocab = method.model.get_input_embeddings().weight.shape[0]
+    method.train_step({"search": [_batch(vocab)], "rec": [_batch(vocab)]}, max_grad_norm=1.0)
     sched.step()
-    opt.zero_grad()
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "untied-head"])
-def test_round_trip_continues_bit_identically(tmp_path: Path, tied: bool) -> None:
+@pytest.mark.parametrize(("method", "tied"), [("gems", True), ("adamw", True), ("adamw", False),
+                                              ("lora", True), ("lora", False), ("galore", True)])
+def test_round_trip_continues_bit_identically(tmp_path: Path, method: str, tied: bool) -> None:
     torch.manual_seed(0)
-    model, tok, opt, sched = _setup(tmp_path, tied)
-    for _ in range(2):
-        _step(model, opt, sched)
+    run, tok, sched = _setup(tmp_path, tied, method)
+    for _ in range(3):  # past a basis refresh (t_svd=2) for gems and galore
+        _step(run, sched)
     np.random.seed(5), random.seed(5)
-    state = TrainerState(step=2, data_position={"step": 2}, extra={"history": [{"loss": 1.5}]})
-    ckpt = save_training_checkpoint(tmp_path / "ckpt", model=model, tokenizer=tok, optimizer=opt,
-                                    scheduler=sched, state=state)
+    state = TrainerState(step=3, data_position={"step": 3}, extra={"history": [{"loss": 1.5}]})
+    ckpt = save_training_checkpoint(tmp_path / "ckpt", model=run.model, tokenizer=tok,
+                                    optimizer=run.optimizer, scheduler=sched, state=state)
     expected_draws = (np.random.rand(), random.random())
-    _step(model, opt, sched)  # the uninterrupted run's third step
-    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(2):  # the uninterrupted run's next steps (incl. a refresh)
+        _step(run, sched)
+    expected = {k: v.clone() for k, v in run.model.state_dict().items()}
 
     torch.manual_seed(123), np.random.seed(9), random.seed(9)  # a fresh process: other RNG states
-    model2, _, opt2, sched2 = _setup(tmp_path, tied)
-    restored = load_training_checkpoint(ckpt, model=model2, optimizer=opt2, scheduler=sched2)
-    assert (restored.step, restored.data_position, restored.extra) == (2, {"step": 2}, state.extra)
+    run2, _, sched2 = _setup(tmp_path, tied, method)
+    restored = load_training_checkpoint(ckpt, model=run2.model, optimizer=run2.optimizer,
+                                        scheduler=sched2)
+    assert (restored.step, restored.data_position, restored.extra) == (3, {"step": 3}, state.extra)
     assert (np.random.rand(), random.random()) == expected_draws
-    _step(model2, opt2, sched2)
-    got = model2.state_dict()
+    for _ in range(2):
+        _step(run2, sched2)
+    got = run2.model.state_dict()
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
-    assert (ckpt / "model" / "model.safetensors").is_file()
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    assert (ckpt / "model" / weights).is_file()
     assert "<item_b2>" in (ckpt / "model" / "tokenizer.json").read_text()
 
 
 def test_checkpoint_from_another_catalog_is_refused(tmp_path: Path) -> None:
-    model, tok, opt, sched = _setup(tmp_path, tied=True)
+    run, tok, sched = _setup(tmp_path, tied=True)
+    model, opt = run.model, run.optimizer
     ckpt = save_training_checkpoint(tmp_path / "ckpt", model=model, tokenizer=tok, optimizer=opt,
                                     scheduler=sched, state=TrainerState(0, {}))
     cfg = ModelConfig(name_or_path="tiny-llama")
@@ -89,7 +102,8 @@ class _RunsCode:
 
 
 def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
-    model, tok, opt, sched = _setup(tmp_path, tied=True)
+    run, tok, sched = _setup(tmp_path, tied=True)
+    model, opt = run.model, run.optimizer
     ckpt = save_training_checkpoint(tmp_path / "ckpt", model=model, tokenizer=tok, optimizer=opt,
                                     scheduler=sched, state=TrainerState(0, {}))
     marker = tmp_path / "pwned"
