@@ -1,0 +1,191 @@
+"""The served model ranks exactly as evaluation does, also after registry + load in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import polars as pl
+import pytest
+import torch
+from mlflow import MlflowClient
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from gems.config import Config, load_config
+from gems.evaluate import evaluate_model
+from gems.model import add_item_tokens
+from gems.prompts import format_prompt
+from tune.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    RegistryError,
+    find_versions,
+    get_champion,
+    get_version,
+    log_ranker,
+    metric_tags,
+    promote,
+    register_challenger,
+    register_version,
+    servable_model_dir,
+)
+from tune.serving import Catalog, ServingSettings, build_prompts, load_ranker_parts, rank_requests
+
+K = 5
+
+
+def _requests(item_ids: list[str]) -> pd.DataFrame:
+    """Rec and search rows: long and empty histories, a long query, targets outside the history."""
+    rows = [("rec", item_ids[:7], None, item_ids[12]), ("rec", item_ids[3:5], None, item_ids[0]),
+            ("search", item_ids[8:10], "laser printer toner " * 30, item_ids[1]),
+            ("search", [], "running shoes", item_ids[5]), ("rec", [], None, item_ids[9]),
+            ("search", item_ids[14:19], "green tea", item_ids[10]),
+            ("rec", item_ids[10:16], None, item_ids[2])]
+    return pd.DataFrame({"example_id": [f"e{i}" for i in range(len(rows))], "task": [r[0] for r in rows],
+                         "history_item_ids": [r[1] for r in rows], "query": [r[2] for r in rows],
+                         "target_item_id": [r[3] for r in rows]})
+
+
+@pytest.fixture
+def served(tiny_cfg: Config, tiny_model_and_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+           tiny_items: list[tuple[str, str]], tmp_path: Path) -> tuple[Config, Path, Path]:
+    """A 'checkpoint' (HF model dir with item tokens) and its items table, like training writes."""
+    cfg = load_config("tiny", [f"state_dir={tmp_path / 'state'}", "data.history_len=4",
+                               "data.query_max_chars=40", f"eval.batch_size={3}"])
+    model, tokenizer = tiny_model_and_tokenizer
+    add_item_tokens(model, tokenizer, tiny_items)
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint / "model", safe_serialization=True)
+    tokenizer.save_pretrained(checkpoint / "model")
+    items = tmp_path / "items.parquet"
+    pl.DataFrame({"item_id": [i for i, _ in tiny_items],
+                  "title": [t for _, t in tiny_items]}).write_parquet(items)
+    return cfg, checkpoint, items
+
+
+def _evaluated_top_k(cfg: Config, checkpoint: Path, items: Path, requests: pd.DataFrame) -> pl.DataFrame:
+    """What evaluation ranks for the same examples, from the prompts preprocessing would write."""
+    model, tokenizer, catalog, token_ids = load_ranker_parts(checkpoint / "model", items)
+    settings = ServingSettings.from_config(cfg)
+    # shards hold the newest history_len items of a history (what the prompt shows)
+    examples = pl.from_pandas(requests).with_columns(
+        pl.Series("prompt", build_prompts(requests, catalog, settings)),
+        pl.col("history_item_ids").list.tail(settings.history_len))
+    result = evaluate_model(model, tokenizer, examples, catalog.item_ids, token_ids,
+                            max_len=cfg.train.max_seq_len, batch_size=cfg.eval.batch_size,
+                            mask_history_rec=True, top_k=K, progress=False)
+    assert result.top_k is not None
+    return result.top_k
+
+
+def test_prompts_are_the_preprocessing_prompts(served: tuple[Config, Path, Path]) -> None:
+    cfg, _, items = served
+    catalog = Catalog.from_parquet(items)
+    requests = _requests(catalog.item_ids)
+    prompts = build_prompts(requests, catalog, ServingSettings.from_config(cfg))
+    first = requests.iloc[0]
+    last4 = first["history_item_ids"][-4:]  # history_len = 4: the newest four, oldest first
+    assert prompts[0] == format_prompt("rec", [(i, catalog.titles[i]) for i in last4], None,
+                                       cfg.data.title_max_words)
+    assert prompts[2].endswith("Query: laser printer toner laser printer toner. Clicked item:")  # 40 chars
+    assert prompts[4] == "[rec] History: none. Next item:"
+
+
+def test_bad_requests_are_named(served: tuple[Config, Path, Path]) -> None:
+    cfg, _, items = served
+    catalog, settings = Catalog.from_parquet(items), ServingSettings.from_config(cfg)
+    with pytest.raises(ValueError, match="task must be"):
+        build_prompts(pd.DataFrame({"task": ["ads"], "history_item_ids": [[]]}), catalog, settings)
+    with pytest.raises(ValueError, match="not in the catalog: \\['nope'\\]"):
+        build_prompts(pd.DataFrame({"task": ["rec"], "history_item_ids": [["nope"]]}), catalog, settings)
+    with pytest.raises(ValueError, match="non-empty query"):
+        build_prompts(pd.DataFrame({"task": ["search"], "history_item_ids": [[]], "query": [None]}), catalog,
+                      settings)
+
+
+def test_ranking_equals_evaluation(served: tuple[Config, Path, Path]) -> None:
+    cfg, checkpoint, items = served
+    model, tokenizer, catalog, token_ids = load_ranker_parts(checkpoint / "model", items)
+    requests = _requests(catalog.item_ids)
+    settings = ServingSettings.from_config(cfg)
+    ranked = rank_requests(model, tokenizer, token_ids, requests, catalog, settings, K)
+    expected = _evaluated_top_k(cfg, checkpoint, items, requests)
+    assert ranked["item_ids"].tolist() == expected["top_item_ids"].to_list()
+    assert ranked["scores"].tolist() == expected["top_scores"].to_list()
+    for task, history, top in zip(requests["task"], requests["history_item_ids"], ranked["item_ids"],
+                                  strict=True):
+        assert len(top) == K and len(set(top)) == K
+        if task == "rec":
+            assert not set(top) & set(history[-4:]), "rec must not return items already in the history"
+
+
+def test_adapter_and_non_model_dirs_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "adapter_config.json").write_text("{}")
+    with pytest.raises(RegistryError, match="LoRA adapter"):
+        servable_model_dir(tmp_path)
+    with pytest.raises(RegistryError, match="not a Hugging Face model dir"):
+        servable_model_dir(tmp_path / "elsewhere")
+
+
+LOAD_AND_PREDICT = """
+import json, sys
+import mlflow, pandas as pd
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+requests = pd.read_json(sys.argv[3], orient="records")
+out = model.predict(requests[["task", "history_item_ids", "query"]], params={"top_k": int(sys.argv[4])})
+print(json.dumps({"item_ids": out["item_ids"].tolist(), "scores": out["scores"].tolist()}))
+"""
+
+
+@pytest.mark.slow
+def test_registered_champion_loads_in_a_fresh_process_and_ranks_like_evaluation(
+        served: tuple[Config, Path, Path], tmp_path: Path) -> None:
+    cfg, checkpoint, items = served
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment("serving", artifact_location=(tmp_path / "artifacts").as_uri())
+    name = "gems-sr-test"
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_ranker(checkpoint, items, cfg)
+    assert get_champion(name) is None  # no model registered yet: None, not an exception
+    tags = {"gems.watermark": "2026-01-01", **metric_tags({"unified": 0.25})}
+    v1 = register_version(info.model_uri, name, tags, "first", alias=CHAMPION)
+    champion = get_champion(name)
+    assert champion is not None and champion.version == v1.version and champion.watermark == "2026-01-01"
+    assert champion.metric("test.unified") == 0.25 and champion.description == "first"
+
+    catalog = Catalog.from_parquet(items)
+    requests = _requests(catalog.item_ids)
+    request_file = tmp_path / "requests.json"
+    requests.to_json(request_file, orient="records")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    out = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, uri, f"models:/{name}@{CHAMPION}",
+                          str(request_file), str(K)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    served_top = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = _evaluated_top_k(cfg, checkpoint, items, requests)
+    assert served_top["item_ids"] == expected["top_item_ids"].to_list()
+    assert torch.allclose(torch.tensor(served_top["scores"]), torch.tensor(expected["top_scores"].to_list()))
+
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{v1.version}"))
+    assert {"gems", "tune"} <= {p.name for p in (model_dir / "code").iterdir()}  # code travels with the model
+
+    v2 = register_challenger(info.model_uri, name, {"gems.watermark": "2026-01-02"}, "second")
+    assert get_version(name, CHALLENGER).version == v2.version
+    assert get_champion(name).version == v1.version  # registering never moves the champion
+    old = promote(name, v2.version)
+    assert old is not None and old.version == v1.version
+    assert get_champion(name).version == v2.version and get_version(name, PREVIOUS).version == v1.version
+    assert get_version(name, CHALLENGER) is None
+    assert [v.version for v in find_versions(name, "gems.watermark", "2026-01-02")] == [v2.version]
+    assert MlflowClient().get_model_version(name, v1.version).tags["test.unified"] == "0.25"
