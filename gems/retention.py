@@ -221,42 +221,56 @@ def _mmlu_prompt(q: MMLUQuestion) -> str:
     return f"The following is a question about {q.subject}.\n\nQuestion: {q.question}\nAnswer:"
 
 
+def _encode(tokenizer: object, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+
+
 @torch.no_grad()
+def choice_scores(model: torch.nn.Module, tokenizer: object, question: MMLUQuestion,
+                  max_len: int = 512) -> list[float]:
+    """Log-likelihood of each choice's text after the prompt, divided by its character length.
+
+    The prompt runs once; its KV cache is repeated for the choices, which then run as one batch
+    (right-padded, so positions continue naturally from the prompt). A question's cost is then
+    about one prompt, not one per choice.
+    """
+    conts = [_encode(tokenizer, " " + c)[: max(1, max_len // 2)] for c in question.choices]
+    prompt_ids = _encode(tokenizer, _mmlu_prompt(question))
+    prompt_ids = prompt_ids[-max(1, max_len - max(len(c) for c in conts)):]
+    dev = _device(model)
+    head = model(input_ids=torch.tensor([prompt_ids], device=dev), use_cache=True)
+    first = F.log_softmax(head.logits[0, -1].float().cpu(), -1)
+    width = max(len(c) for c in conts)
+    scores = [float(first[c[0]]) for c in conts]
+    if width > 1:
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(len(conts))
+        pad = tokenizer.pad_token_id or 0  # type: ignore[attr-defined]
+        ids = torch.full((len(conts), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(conts), len(prompt_ids) + width, dtype=torch.long)
+        mask[:, : len(prompt_ids)] = 1
+        for i, c in enumerate(conts):
+            ids[i, : len(c)] = torch.tensor(c)
+            mask[i, len(prompt_ids): len(prompt_ids) + len(c)] = 1
+        logp = F.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                   past_key_values=cache, use_cache=True).logits.float().cpu(), -1)
+        for i, c in enumerate(conts):
+            if len(c) > 1:
+                scores[i] += float(logp[i, : len(c) - 1].gather(1, ids[i, 1: len(c), None]).sum())
+    return [score / (len(choice) + 1) for score, choice in zip(scores, question.choices,
+                                                                 strict=True)]
+
+
 def mmlu_accuracy(model: torch.nn.Module, tokenizer: object, questions: Sequence[MMLUQuestion],
-                  max_len: int = 512, batch_questions: int = 2, progress: bool = False) -> float:
+                  max_len: int = 512, progress: bool = False) -> float:
     """Share of questions whose correct choice has the highest length-normalised log-likelihood."""
-    pad = tokenizer.pad_token_id or 0  # type: ignore[attr-defined]
-    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # type: ignore[operator]  # noqa: E731
+    if not questions:
+        raise ValueError("no MMLU questions to score")
     correct = 0
-    for start in tqdm(range(0, len(questions), batch_questions), desc="mmlu",
-                      disable=not progress):
-        group = questions[start:start + batch_questions]
-        seqs, spans = [], []
-        for q in group:
-            prompt_ids = encode(_mmlu_prompt(q))
-            for choice in q.choices:
-                cont = encode(" " + choice)[: max_len - 1]
-                ids = prompt_ids[-(max_len - len(cont)):] + cont
-                seqs.append(ids)
-                spans.append((len(ids) - len(cont), len(ids), max(len(choice) + 1, 1)))
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, s in enumerate(seqs):  # right padding: positions stay natural
-            input_ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        dev = _device(model)
-        logp = F.log_softmax(model(input_ids=input_ids.to(dev),
-                                   attention_mask=mask.to(dev), use_cache=False).logits.float().cpu(), -1)
-        scores = []
-        for i, (lo, hi, n_chars) in enumerate(spans):
-            token_logp = logp[i, lo - 1:hi - 1].gather(1, input_ids[i, lo:hi, None])
-            scores.append(float(token_logp.sum()) / n_chars)
-        for j, q in enumerate(group):
-            offset = sum(len(g.choices) for g in group[:j])
-            own = scores[offset:offset + len(q.choices)]
-            correct += int(max(range(len(own)), key=own.__getitem__) == q.answer)
-    return correct / max(len(questions), 1)
+    for q in tqdm(questions, desc="mmlu", disable=not progress):
+        scores = choice_scores(model, tokenizer, q, max_len)
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == q.answer)
+    return correct / len(questions)
 
 
 def _same_file(a: Path | None, b: Path | None) -> bool:

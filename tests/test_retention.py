@@ -12,6 +12,7 @@ from gems.config import ModelConfig
 from gems.model import add_item_tokens, load_backbone
 from gems.paths import shared_file
 from gems.retention import (
+    choice_scores,
     load_mmlu_subset,
     measure_retention,
     mmlu_accuracy,
@@ -135,12 +136,21 @@ def test_mmlu_subset_is_seeded_and_clean() -> None:
     assert len(subjects) == 57
 
 
-def test_mmlu_accuracy_on_tiny_model(trained) -> None:
+def test_mmlu_choice_scores_equal_naive_full_sequence_scoring(trained) -> None:
     model, tokenizer = trained
-    questions = load_mmlu_subset(_mmlu_dir(), 6, seed=0)
-    acc = mmlu_accuracy(model, tokenizer, questions, max_len=128, batch_questions=4)
-    assert 0.0 <= acc <= 1.0 and acc * 6 == round(acc * 6)
-    assert acc == mmlu_accuracy(model, tokenizer, questions, max_len=128, batch_questions=1)
+    questions = load_mmlu_subset(_mmlu_dir(), 3, seed=0)
+    for q in questions:
+        fast = choice_scores(model, tokenizer, q, max_len=512)
+        prompt = tokenizer(retention._mmlu_prompt(q), add_special_tokens=False)["input_ids"]
+        for choice, score in zip(q.choices, fast, strict=True):
+            cont = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            naive = sum(float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(cont))
+            assert score == pytest.approx(naive / (len(choice) + 1), abs=1e-4)
+    acc = mmlu_accuracy(model, tokenizer, questions)
+    assert acc * 3 == round(acc * 3) and 0.0 <= acc <= 1.0
 
 
 def test_real_wikitext_test_text_is_used_by_default(trained) -> None:
