@@ -121,3 +121,29 @@ def test_failed_trial_is_recorded_and_interrupted_sweep_resumes(tmp_path: Path) 
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.FAIL) == n_failed >= 1
     assert states.count(optuna.trial.TrialState.COMPLETE) == NUM_SAMPLES - n_failed
+
+
+@pytest.mark.slow
+def test_sliced_bases_equal_bases_estimated_with_that_k(tmp_path: Path) -> None:
+    """One estimate with the largest k serves every trial: its first k columns are the k-basis."""
+    import torch
+
+    from gems.nullspace import load_bases
+    from tune.bases import prepare_bases
+    from tune.sweep_bases import bases_for_trial, largest_k, sweep_bases
+
+    cfg = load_config("tiny", [f"state_dir={tmp_path}", "gems.general_max_tokens=256",
+                               "tune.space={gems.k: {low: 0, high: 12, integer: true}}"])
+    assert largest_k(cfg) == 12
+    widest = sweep_bases(cfg)
+    assert widest is not None
+    trial_cfg = load_config("tiny", [f"state_dir={tmp_path}", "gems.general_max_tokens=256", "gems.k=5"])
+    sliced, direct = load_bases(bases_for_trial(trial_cfg, widest)), load_bases(prepare_bases(trial_cfg))
+    assert sliced.keys() == direct.keys()
+    for name, u in direct.items():
+        assert u.shape[1] == 5
+        # eigenvectors are defined up to sign: compare the projectors
+        assert torch.allclose(sliced[name] @ sliced[name].T, u @ u.T, atol=1e-4), name
+    assert bases_for_trial(load_config("tiny", ["gems.k=0"]), widest) is None
+    with pytest.raises(ValueError, match="exceeds the 12 directions"):
+        bases_for_trial(load_config("tiny", ["gems.k=13"]), widest)

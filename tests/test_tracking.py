@@ -194,3 +194,13 @@ def test_interrupted_pipeline_run_is_reopened(tracked: tuple[Config, str]) -> No
     with pipeline_run(experiment_id, "sweep-y", "demo", {}, system_metrics=False) as second:
         assert second.state == "resumed" and second.run_id == first.run_id
     assert MlflowClient().get_run(first.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("watermark,text", [
+    ({"partitions": ["2026-01-01", "2026-01-03"], "event_days": ["2026-01-02"], "max_ts": 1}, "2026-01-03"),
+    ({"partitions": [], "event_days": ["2026-01-01", "2026-01-02"], "max_ts": 1}, "2026-01-02"),
+    (["2026-01-02", "2026-01-01"], "2026-01-02"),
+    ("2026-01-05", "2026-01-05"),
+])
+def test_watermark_tag_is_the_newest_day(watermark: object, text: str) -> None:
+    assert watermark_text(watermark) == text

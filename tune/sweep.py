@@ -98,11 +98,12 @@ def train_trial(params: dict[str, Any], inputs: SweepInputs) -> None:
     An invalid point raises ConfigError here, before any training: Tune records the trial as
     errored and the sweep goes on.
     """
+    from tune.sweep_bases import bases_for_trial
     from tune.trainer import build_trainer
 
     cfg = apply_params(config_from_dict(inputs.config), params)
     trial_id = ray.tune.get_context().get_trial_id()
-    bases = Path(inputs.bases_path) if inputs.bases_path else None
+    bases = bases_for_trial(cfg, Path(inputs.bases_path) if inputs.bases_path else None)
     trainer = build_trainer(cfg, Path(inputs.shard_dir), bases, run_name=f"trial-{trial_id}")
     trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), RelayToTune()]
     trainer.fit()

@@ -122,11 +122,16 @@ def run_tags(cfg: Config, manifest: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 def watermark_text(watermark: Any) -> str:
-    """The watermark as one tag value (a list of partitions becomes its newest entry)."""
+    """The watermark as one tag value: the newest day the data covers (``YYYY-MM-DD``).
+
+    A manifest watermark ``{"partitions": [...], "event_days": [...]}`` gives its newest
+    partition (event day when unpartitioned); a list gives its newest entry.
+    """
+    if isinstance(watermark, dict):
+        days = watermark.get("partitions") or watermark.get("event_days") or []
+        return str(max(days)) if days else json.dumps(watermark, sort_keys=True)
     if isinstance(watermark, list | tuple):
         return str(max(watermark)) if watermark else ""
-    if isinstance(watermark, dict):
-        return json.dumps(watermark, sort_keys=True)
     return str(watermark)
 
 
