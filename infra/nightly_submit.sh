@@ -58,9 +58,16 @@ if [[ "${GEMS_SUBMIT_DRY_RUN:-0}" == "1" ]]; then
   exit 0
 fi
 
-job_status() {  # prints the job's status word (SUCCEEDED, RUNNING, ...) or nothing if unknown
-  "$RAY_BIN" job status --address "$RAY_ADDRESS" "$1" 2>/dev/null \
-    | sed -n "s/^Status for job '[^']*': \([A-Z_]*\).*/\1/p" | tail -n 1
+job_status() {  # prints the job's status (SUCCEEDED, FAILED, RUNNING, ...); nothing if there is no such job
+  local out
+  out="$("$RAY_BIN" job status --address "$RAY_ADDRESS" "$1" 2>&1)" || return 0
+  case "$out" in
+    *"Job '$1' succeeded"*) echo SUCCEEDED ;;
+    *"Job '$1' failed"*) echo FAILED ;;
+    *"Job '$1' was stopped"*) echo STOPPED ;;
+    *"Status for job '$1': "*) sed -n "s/.*Status for job '[^']*': \([A-Z_]*\).*/\1/p" <<<"$out" | tail -n 1 ;;
+    *) echo UNKNOWN ;;
+  esac
 }
 
 existing="$(job_status "$SUBMISSION_ID")"
