@@ -58,6 +58,14 @@ _INT_KEYS = ("step", "t_")
 _BOOL_KEYS = ("due_",)
 
 
+def _device_sum(values: list[Tensor]) -> float:
+    """Sum of scalar tensors with one host sync (they live on the parameters' devices)."""
+    if not values:
+        return 0.0
+    device = values[0].device
+    return float(torch.stack([v.to(device=device, dtype=torch.float64) for v in values]).sum())
+
+
 @dataclass(frozen=True)
 class _Layer:
     """Static facts about one target weight."""
@@ -289,21 +297,18 @@ class GEMSAdamW(torch.optim.Optimizer):
         clipped shared gradient as ``w_s c g_s + w_r c g_r``.
         """
         pend = self._pending
-        total = torch.zeros((), dtype=torch.float64)
+        parts: list[Tensor] = []
         for p in self._layers:
             if pend.full:
                 sq = pend.sq.get(p, {})
-                part = sum((v for k, v in sq.items() if k != "dot"), torch.zeros(()))
-                part = part + 2 * sq.get("dot", torch.zeros(()))
-            else:
-                part = pend.shared_sq.get(p, torch.zeros(()))
-            total += part.double().cpu()
+                parts.extend(v if k != "dot" else 2 * v for k, v in sq.items())
+            elif p in pend.shared_sq:
+                parts.append(pend.shared_sq[p])
         for group in self.param_groups[1:]:
             for p in group["params"]:
                 if p.grad is not None:
-                    flat = p.grad.reshape(-1).double()
-                    total += (flat @ flat).cpu()
-        norm = math.sqrt(max(float(total), 0.0))
+                    parts.append(torch.linalg.vector_norm(p.grad, dtype=torch.float32) ** 2)
+        norm = math.sqrt(max(_device_sum(parts), 0.0))
         coef = 1.0
         if max_norm is not None:
             if max_norm <= 0:
@@ -411,13 +416,12 @@ class GEMSAdamW(torch.optim.Optimizer):
     def _task_grad_norms(self, present: list[str], weights: dict[str, float],
                          coef: float) -> dict[str, float]:
         """|| task gradient || inside the subspaces acting on it (shared + own), after projection."""
-        sq = {t: torch.zeros((), dtype=torch.float64) for t in present}
+        sq: dict[str, list[Tensor]] = {t: [] for t in present}
         for by_task in self._pending.coords.values():
             for t in present:
-                for s, c in by_task.get(t, {}).items():
-                    if s in (SHARED, t):
-                        sq[t] += (c.double() ** 2).sum().cpu()
-        return {t: math.sqrt(float(sq[t])) * coef / weights[t] for t in present}
+                own = (c for s, c in by_task.get(t, {}).items() if s in (SHARED, t))
+                sq[t].extend((c.double() ** 2).sum() for c in own)
+        return {t: math.sqrt(_device_sum(sq[t])) * coef / weights[t] for t in present}
 
     def _adam_direction(self, st: dict[str, Tensor], s: str, r: Tensor) -> Tensor:
         """Bias-corrected ``N = M_hat / (sqrt(V_hat) + eps)`` after folding in coordinates ``r``."""
