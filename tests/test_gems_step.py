@@ -170,3 +170,24 @@ def test_single_subspace_ablation_and_fixed_gate(tiny_model_and_tokenizer) -> No
     assert stats.gate == {"search": 0.25, "rec": 0.75}
     assert all(set(layer.ranks) == {"shared"} for layer in opt._layers.values())
     assert stats.conflict_before is not None and stats.conflict_after is None  # no task updates
+
+
+def test_lean_capture_keeps_no_gradient_copy(tiny_model_and_tokenizer) -> None:
+    """Off refresh/conflict steps the first task's gradient stays in .grad (accumulated on), not copied."""
+    from gems.step import task_ce_sum
+
+    model, tok = tiny_model_and_tokenizer
+    opt = GEMSAdamW.for_model(model, GEMSConfig(r_shared=4, t_svd=100, k=0), 1e-3)
+    batches = mixed_batches(len(tok))
+    train_step(model, opt, batches, None)  # step 0: refresh
+    assert not opt.refresh_due()
+    opt.zero_grad()
+    (task_ce_sum(model, batches["search"][0]) / 7).backward()
+    q = dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    before = q.grad.data_ptr()
+    opt.capture_task_grad("search", keep_full=False)
+    assert q.grad is not None and q.grad.data_ptr() == before and not opt._pending.stash
+    opt.zero_grad()
+    (task_ce_sum(model, batches["search"][0]) / 7).backward()
+    opt.capture_task_grad("search", keep_full=True)  # conflict steps set the gradient aside instead
+    assert q.grad is None and q in opt._pending.stash
