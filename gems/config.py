@@ -218,6 +218,9 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0, description="Training seed.")
     storage_path: str = Field("ray_results", description="Checkpoints (relative to state_dir, or "
                               "s3://, or an NFS path on clusters).")
+    checkpoints_to_keep: int | None = Field(2, ge=1, le=10_000, description="Newest checkpoints "
+                                            "kept in storage per run (None = all); each holds "
+                                            "weights and optimizer state.")
 
 
 class EvalConfig(_Section):

@@ -30,9 +30,8 @@ def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 autocast runs on ``device`` at all (speed is the probe's question)."""
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return True  # CPU autocast supports bf16 everywhere; without AMX/AVX512-BF16 it is slow.
-    return False
+    # CPU autocast supports bf16 everywhere; without AMX/AVX512-BF16 it is merely slow.
+    return device.type == "cpu"
 
 
 def _median_ms(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:

@@ -1,0 +1,296 @@
+"""The per-worker training loop that Ray Train runs on every worker (rank) of a TorchTrainer.
+
+It wires the library together (backbone + item tokens, mixed-task batches, method, schedule,
+``gems.step.train_step``) and adds only what distributed training needs: identical seeding and
+precision on every rank, DDP, reports to Ray Train, checkpoints written by rank 0, resumption
+from the latest checkpoint (after a worker failure or an explicit ``--resume``), and a
+deterministic fault injection for tests. Data arrives through ``ray.train.get_dataset_shard``:
+every rank gets the whole (small) prompt table and takes its own slice of each global batch
+(:mod:`gems.batching`), so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from gems.baselines import build_method
+from gems.batching import LazyEncoded, MixedTaskBatcher, TokenizedExample
+from gems.checkpoint import TrainerState, load_training_checkpoint, save_training_checkpoint
+from gems.config import Config
+from gems.evaluate import evaluate_with_config
+from gems.metrics import flatten_metrics
+from gems.model import add_item_tokens, item_token_ids, load_backbone
+from gems.nullspace import load_bases
+from gems.precision import resolve_precision
+from gems.prompts import encode_training_example
+from gems.schedule import build_lr_schedule, current_lr
+from gems.step import StepStats
+
+log = logging.getLogger(__name__)
+
+TRAIN_COLUMNS = ["example_id", "task", "prompt", "target_item_id"]
+CHECKPOINT_PREFIX = "checkpoint_step_"
+
+
+# ------------------------------------------------------------------------------ rank helpers
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _from_rank0(value: Any) -> Any:
+    """Every rank adopts rank 0's value (a probe's noisy verdict must not differ between ranks)."""
+    if not _distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: any random op (e.g. a randomized SVD) then agrees across ranks."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over all parameters in name order: equal digests = bit-identical replicas."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _all_digests(model: torch.nn.Module) -> list[str]:
+    digest = parameter_digest(model)
+    if not _distributed():
+        return [digest]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, digest)
+    return [str(d) for d in out]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def dataset_frame(name: str, columns: list[str] | None = None) -> pl.DataFrame:
+    """A whole (unsplit) Ray dataset given to this worker, as a polars frame."""
+    shard = ray.train.get_dataset_shard(name)
+    if shard is None:
+        raise RuntimeError(f"the trainer was built without a {name!r} dataset")
+    tables = [t for t in shard.iter_batches(batch_format="pyarrow", batch_size=4096) if t.num_rows]
+    if not tables:
+        raise ValueError(f"dataset {name!r} is empty")
+    frame = pl.from_arrow(pa.concat_tables(tables, promote_options="default"))
+    assert isinstance(frame, pl.DataFrame)
+    return frame.select(columns) if columns else frame
+
+
+def training_examples(train: pl.DataFrame, tokenizer: Any, max_len: int
+                      ) -> dict[str, LazyEncoded[dict[str, Any]]]:
+    """Per-task example lists in example_id order (independent of Ray Data's block order),
+    tokenized lazily on first use."""
+    def encode(row: dict[str, Any]) -> TokenizedExample:
+        ids, labels = encode_training_example(tokenizer, row["prompt"], row["target_item_id"], max_len)
+        return TokenizedExample(ids, labels)
+
+    ordered = train.sort("example_id")
+    return {task: LazyEncoded(ordered.filter(pl.col("task") == task).to_dicts(), encode)
+            for task in ("search", "rec")}
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+class MetricWindow:
+    """Averages step statistics between two reports; tokens/s over training time only."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, stats: StepStats, tokens: int, seconds: float) -> None:
+        for key, value in stats.as_metrics().items():
+            if value is not None and math.isfinite(value):
+                self.sums[key] = self.sums.get(key, 0.0) + float(value)
+                self.counts[key] = self.counts.get(key, 0) + 1
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def flush(self, world_size: int) -> dict[str, float]:
+        out = {f"train/{k}": self.sums[k] / self.counts[k] for k in self.sums}
+        if self.seconds > 0:
+            # Every rank processes the same batch layout, so global throughput = world x local.
+            out["train/tokens_per_s"] = world_size * self.tokens / self.seconds
+            out["train/step_time_s"] = self.seconds / max(self.counts.get("loss", 1), 1)
+        self.__init__()  # type: ignore[misc]
+        return out
+
+
+def _batch_tokens(batches: Mapping[str, list[Any]]) -> int:
+    return int(sum(int(mb.attention_mask.sum()) for mbs in batches.values() for mb in mbs))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+@contextmanager
+def _staged_checkpoint(rank: int, **save_kwargs: Any) -> Iterator[ray.train.Checkpoint | None]:
+    """Rank 0 writes the checkpoint into a temporary dir that Ray Train then persists."""
+    if rank != 0:
+        yield None
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="gems-ckpt-"))
+    try:
+        save_training_checkpoint(tmp / "ckpt", **save_kwargs)
+        yield ray.train.Checkpoint.from_directory(str(tmp / "ckpt"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _maybe_fail(step: int, rank: int, fail_at_step: int | None, marker: str | None) -> None:
+    """Fault injection: rank 0 dies (hard, like a killed process) once, at ``fail_at_step``."""
+    if fail_at_step is None or rank != 0 or step != fail_at_step or marker is None:
+        return
+    path = Path(marker)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"worker killed at step {step}\n")
+    log.warning("fault injection: killing rank 0 at step %d", step)
+    os._exit(1)
+
+
+# -------------------------------------------------------------------------------- the loop
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Entry point given to ``TorchTrainer``; returns (on rank 0) the run's metric history."""
+    cfg = Config.model_validate(loop_config["cfg"])
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+    seed_everything(tc.seed)
+
+    autocast_dtype, precision = _from_rank0(resolve_precision(tc.precision, device))
+
+    # Rank 0 first: it may build the backbone cache (dequantized SmolLM2) that the others reuse.
+    if rank == 0:
+        model, tokenizer = load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
+    _barrier()
+    if rank != 0:
+        model, tokenizer = load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
+    items = dataset_frame("items", ["item_id", "title"]).sort("item_id")
+    item_ids = items["item_id"].to_list()
+    new_ids = add_item_tokens(model, tokenizer, list(zip(item_ids, items["title"].to_list(), strict=True)))
+    model.to(device)
+
+    bases = load_bases(Path(loop_config["bases_path"])) if loop_config.get("bases_path") else None
+    # item_token_ids: LoRA trains the item rows (peft trainable_token_indices); others ignore it.
+    method = build_method(model, cfg.gems, tc.lr, bases, item_token_ids=new_ids)
+    train_model: torch.nn.Module = method.model
+    if world > 1:
+        train_model = ray.train.torch.prepare_model(train_model)
+    schedule = build_lr_schedule(method.optimizer, tc.warmup_steps, tc.max_steps)
+
+    examples = training_examples(dataset_frame("train", TRAIN_COLUMNS), tokenizer, tc.max_seq_len)
+    batcher = MixedTaskBatcher(examples, batch_size=tc.batch_size, search_fraction=tc.search_fraction,
+                               grad_accum=tc.grad_accum, seed=tc.seed,
+                               pad_token_id=int(tokenizer.pad_token_id), rank=rank, world_size=world)
+    val = dataset_frame("val") if rank == 0 else None
+    val_token_ids = item_token_ids(tokenizer, item_ids)
+
+    start_step, history = 0, []
+    resumed = ray.train.get_checkpoint()
+    if resumed is None and loop_config.get("resume_from"):
+        resumed = ray.train.Checkpoint(loop_config["resume_from"])
+    if resumed is not None:
+        with resumed.as_directory() as ckpt_dir:
+            state = load_training_checkpoint(Path(ckpt_dir), model=_unwrap(train_model),
+                                             optimizer=method.optimizer, scheduler=schedule)
+        start_step = batcher.resume_step(state.data_position)
+        history = list(state.extra.get("history", []))
+        log.info("rank %d resumed at step %d from %s", rank, start_step, resumed.path)
+
+    window = MetricWindow()
+    for step in range(start_step, tc.max_steps):
+        _maybe_fail(step + 1, rank, tc.fail_at_step, loop_config.get("fault_marker"))
+        done = step + 1
+        is_report = done % tc.report_every == 0 or done == tc.max_steps
+        is_eval = done == tc.max_steps or bool(tc.eval_every and done % tc.eval_every == 0)
+        is_ckpt = done % tc.checkpoint_every == 0 or done == tc.max_steps
+        batches = batcher.batches_at(step)
+        started = time.perf_counter()
+        stats = method.train_step(batches, tc.max_grad_norm, autocast_dtype,
+                                  measure_conflict=is_report or is_eval or is_ckpt, model=train_model)
+        schedule.step()
+        window.add(stats, _batch_tokens(batches), time.perf_counter() - started)
+        if not (is_report or is_eval or is_ckpt):
+            continue
+        metrics: dict[str, Any] = {"step": done, "train/lr": current_lr(schedule),
+                                   "train/precision_bf16": float(autocast_dtype is not None),
+                                   **window.flush(world)}
+        if is_eval and rank == 0 and val is not None:
+            metrics.update(_evaluate(_unwrap(train_model), tokenizer, val, item_ids, val_token_ids, cfg))
+        if done == tc.max_steps:
+            digests = _all_digests(_unwrap(train_model))
+            metrics["train/replicas_identical"] = float(len(set(digests)) == 1)
+        if rank == 0:
+            history.append(metrics)
+        state = TrainerState(step=done, data_position=batcher.position(done),
+                             extra={"history": history, "precision": precision})
+        if is_ckpt:
+            with _staged_checkpoint(rank, model=_unwrap(train_model), tokenizer=tokenizer,
+                                    optimizer=method.optimizer, scheduler=schedule,
+                                    state=state) as checkpoint:
+                ray.train.report(metrics, checkpoint=checkpoint,
+                                 checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{done:06d}")
+        else:
+            ray.train.report(metrics)
+    return {"history": history, "precision": precision,
+            "parameter_digest": parameter_digest(_unwrap(train_model))}
+
+
+def _evaluate(model: torch.nn.Module, tokenizer: Any, val: pl.DataFrame, item_ids: list[str],
+              token_ids: torch.Tensor, cfg: Config) -> dict[str, float]:
+    """Val metrics (fp32 scores: bf16 logits would tie many items); unified = mean NDCG@10."""
+    was_training = model.training
+    result = evaluate_with_config(model, tokenizer, val, item_ids, token_ids, cfg, progress=False)
+    model.train(was_training)
+    return {"val/unified": result.unified, **flatten_metrics(result.metrics, prefix="val/")}
