@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import numpy as np
 import polars as pl
 import torch
 from rank_bm25 import BM25Okapi
@@ -60,11 +61,36 @@ class PopularityFloor:
 
 
 class BM25Floor:
-    """Okapi BM25 of the search query against each item's title + text + category."""
+    """Okapi BM25 of the search query against each item's title + text + category.
+
+    rank-bm25 fits the index (idf with its epsilon floor, length normalisation); scoring reuses
+    each query term's per-document contribution, computed exactly as ``BM25Okapi.get_scores``
+    does but once per distinct term instead of once per query (queries share most terms, and
+    get_scores walks every document's dict per term in Python).
+    """
 
     def __init__(self, item_ids: Sequence[str], bm25: BM25Okapi) -> None:
         self.item_ids = list(item_ids)
         self.bm25 = bm25
+        self._doc_len = np.asarray(bm25.doc_len, dtype=np.float64)
+        self._term_rows: dict[str, np.ndarray] = {}
+
+    def _term_row(self, term: str) -> np.ndarray:
+        row = self._term_rows.get(term)
+        if row is None:
+            bm = self.bm25
+            freq = np.array([doc.get(term) or 0 for doc in bm.doc_freqs], dtype=np.float64)
+            row = (bm.idf.get(term) or 0) * (freq * (bm.k1 + 1) / (
+                freq + bm.k1 * (1 - bm.b + bm.b * self._doc_len / bm.avgdl)))
+            self._term_rows[term] = row
+        return row
+
+    def query_scores(self, query: str) -> np.ndarray:
+        """BM25 score of every catalog item for one query (equal to BM25Okapi.get_scores)."""
+        score = np.zeros(len(self.item_ids))
+        for term in bm25_tokens(query):
+            score += self._term_row(term)
+        return score
 
     @classmethod
     def fit(cls, items: pl.DataFrame, item_ids: Sequence[str] | None = None, k1: float = 1.5,
@@ -91,7 +117,7 @@ class BM25Floor:
         queries = examples["query"].to_list() if "query" in examples.columns else []
         if len(queries) != examples.height or any(q is None for q in queries):
             raise ValueError("BM25 scores search examples only: every row needs a 'query'")
-        rows = [torch.from_numpy(self.bm25.get_scores(bm25_tokens(q))) for q in queries]
+        rows = [torch.from_numpy(self.query_scores(q)) for q in queries]
         if not rows:
             return torch.zeros(0, len(self.item_ids))
         return torch.stack(rows).float()

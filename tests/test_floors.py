@@ -73,3 +73,10 @@ def test_floors_metrics_match_direct_computation() -> None:
                              history_indices=[[2, 1], [3], []], example_keys=["e0", "e1", "e2"],
                              num_negatives=2, seed=5)
     assert results["popularity"].metrics == direct
+
+
+def test_bm25_cached_scoring_equals_rank_bm25() -> None:
+    floor = BM25Floor.fit(ITEMS, CATALOG)
+    for query in ["red stapler", "toner toner black", "lamp pens", "nothing matches", ""]:
+        expected = floor.bm25.get_scores(bm25_tokens(query))
+        assert (floor.query_scores(query) == expected).all()
