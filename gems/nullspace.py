@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -95,7 +95,7 @@ GENERATION_PROMPTS: tuple[str, ...] = (
 )
 
 SEQ_LEN = 256
-COVARIANCE_BUDGET_BYTES = 512 * 2**20  # float64 covariances accumulated per pass over the corpus
+COVARIANCE_BUDGET_BYTES = 512 * 2**20  # covariances accumulated per pass over the corpus
 
 
 class Bases(dict[str, Tensor]):
@@ -221,7 +221,7 @@ def token_windows(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, max_
 
 
 class _CovarianceHooks:
-    """Forward hooks that accumulate ``sum x x^T`` (float64) of chosen modules' inputs or outputs."""
+    """Forward hooks that accumulate ``sum x x^T`` of chosen modules' inputs or outputs."""
 
     def __init__(self, modules: Mapping[str, nn.Module], side: NullSide) -> None:
         self.side = side
@@ -232,9 +232,9 @@ class _CovarianceHooks:
     def _hook(self, name: str):  # noqa: ANN202 - a torch hook
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             x = inputs[0] if self.side == "input" else output
-            x = x.detach().reshape(-1, x.shape[-1]).double()
+            x = x.detach().reshape(-1, x.shape[-1]).float()
             if name not in self.sums:
-                self.sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                self.sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
                 self.count[name] = 0
             self.sums[name].addmm_(x.T, x)
             self.count[name] += x.shape[0]
@@ -282,11 +282,11 @@ def _shared_inputs(model: nn.Module, modules: Mapping[str, nn.Module], window: T
 
 
 def _passes(reps: Sequence[str], dims: Mapping[str, int], budget: int) -> list[list[str]]:
-    """Group representatives so that each pass's float64 covariances fit in ``budget`` bytes."""
+    """Group representatives so that each pass's float32 covariances fit in ``budget`` bytes."""
     out: list[list[str]] = [[]]
     used = 0
     for name in reps:
-        size = dims[name] ** 2 * 8
+        size = dims[name] ** 2 * 4
         if out[-1] and used + size > budget:
             out.append([])
             used = 0
@@ -296,14 +296,15 @@ def _passes(reps: Sequence[str], dims: Mapping[str, int], budget: int) -> list[l
 
 
 def _top_k(cov: Tensor, k: int, energy: float | None, name: str, side: NullSide) -> tuple[Tensor, float]:
+    """Top-k eigenvectors (or the fewest holding ``energy`` of the trace) and the share they hold."""
+    if energy is None and k > cov.shape[0]:
+        raise ValueError(f"gems.k={k} exceeds the {side} dimension {cov.shape[0]} of {name}")
     evals, evecs = torch.linalg.eigh(cov)
     evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
     total = float(evals.sum())
     if energy is not None:
-        cum = torch.cumsum(evals, 0) / max(total, 1e-300)
+        cum = torch.cumsum(evals.double(), 0) / max(total, 1e-300)
         k = int((cum < energy).sum()) + 1
-    if k > cov.shape[0]:
-        raise ValueError(f"gems.k={k} exceeds the {side} dimension {cov.shape[0]} of {name}")
     captured = float(evals[:k].sum()) / total if total > 0 else 0.0
     return evecs[:, :k].float().contiguous(), captured
 
@@ -312,10 +313,21 @@ def _top_k(cov: Tensor, k: int, energy: float | None, name: str, side: NullSide)
 def activation_covariances(model: nn.Module, windows: Sequence[Tensor], names: Sequence[str],
                            side: NullSide = "input", budget_bytes: int = COVARIANCE_BUDGET_BYTES,
                            batch_size: int = 4) -> dict[str, Tensor]:
-    """``C = (1/N) sum x x^T`` per target weight over the windows (streamed, bounded memory).
+    """``C = (1/N) sum x x^T`` (float32) per target weight over the windows, all at once (analysis)."""
+    covs: dict[str, Tensor] = {}
+    for group in covariance_groups(model, windows, names, side, budget_bytes, batch_size):
+        covs.update(group)
+    return covs
+
+
+def covariance_groups(model: nn.Module, windows: Sequence[Tensor], names: Sequence[str],
+                      side: NullSide = "input", budget_bytes: int = COVARIANCE_BUDGET_BYTES,
+                      batch_size: int = 4) -> Iterator[dict[str, Tensor]]:
+    """Covariances per target weight, yielded one memory-bounded group of layers at a time.
 
     Modules that share one input tensor share one covariance; when all covariances do not fit in
-    ``budget_bytes`` the corpus is run once per group of layers.
+    ``budget_bytes`` the corpus is run once per group. Accumulation is float32 (on the model's
+    device): float64 triples the CPU time and the top eigenvectors do not need it.
     """
     modules = {n.removesuffix(".weight"): None for n in names}
     by_name = dict(model.named_modules())
@@ -327,7 +339,7 @@ def activation_covariances(model: nn.Module, windows: Sequence[Tensor], names: S
     was_training = model.training
     model.eval()
     device = _device_of(model)
-    covs: dict[str, Tensor] = {}
+    members = {rep: [n for n in modules if alias[n] == rep] for rep in reps}
     try:
         for group in _passes(reps, dims, budget_bytes):
             hooks = _CovarianceHooks({n: modules[n] for n in group}, side)
@@ -338,10 +350,10 @@ def activation_covariances(model: nn.Module, windows: Sequence[Tensor], names: S
                         model(input_ids=same.to(device), use_cache=False)
             finally:
                 hooks.close()
-            covs.update({n: hooks.sums[n] / hooks.count[n] for n in group})
+            covs = {n: hooks.sums.pop(n) / hooks.count[n] for n in group}
+            yield {f"{m}.weight": covs[n] for n in group for m in members[n]}
     finally:
         model.train(was_training)
-    return {f"{n}.weight": covs[alias[n]] for n in modules}
 
 
 def _equal_length(windows: Sequence[Tensor]) -> list[Tensor]:
@@ -355,7 +367,7 @@ def _equal_length(windows: Sequence[Tensor]) -> list[Tensor]:
 def save_bases(bases: Bases, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in bases.items()}, str(tmp), metadata=bases.info)
+    save_file({k: v.detach().cpu().clone() for k, v in bases.items()}, str(tmp), metadata=bases.info)
     tmp.replace(path)
 
 
@@ -388,19 +400,22 @@ def build_bases(model: nn.Module, texts: Iterable[str], tokenizer: PreTrainedTok
         bases = load_bases(path)
         log.info("null-space bases from cache %s (%s)", path, bases.describe())
         return bases
-    covs = activation_covariances(model, windows, names, gems_cfg.nullspace_side)
-    bases = Bases()
-    captured = []
-    for name in names:
-        u, share = _top_k(covs.pop(name), gems_cfg.k, gems_cfg.energy, name, gems_cfg.nullspace_side)
-        bases[name] = u
-        captured.append(share)
+    found: dict[str, Tensor] = {}
+    shares = []
+    for group in covariance_groups(model, windows, names, gems_cfg.nullspace_side):
+        done: dict[int, Tensor] = {}  # modules sharing one covariance share its eigenvectors
+        for name, cov in group.items():
+            if id(cov) not in done:
+                done[id(cov)], share = _top_k(cov, gems_cfg.k, gems_cfg.energy, name, gems_cfg.nullspace_side)
+                shares.append(share)
+            found[name] = done[id(cov)]
+    bases = Bases({name: found[name] for name in names})
     ks = [u.shape[1] for u in bases.values()]
     bases.info = {"corpus": corpus_source, "corpus_sha256": corpus_hash,
                   "tokens": str(sum(len(w) for w in windows)), "side": gems_cfg.nullspace_side,
                   "k": str(gems_cfg.k) if gems_cfg.energy is None else f"energy={gems_cfg.energy}",
                   "k_range": f"{min(ks)}-{max(ks)}",
-                  "energy_captured_mean": f"{sum(captured) / len(captured):.4f}",
+                  "energy_captured_mean": f"{sum(shares) / len(shares):.4f}",
                   "cache": str(path) if path is not None else "none"}
     if path is not None:
         save_bases(bases, path)

@@ -157,7 +157,7 @@ def test_invariant_holds_and_general_outputs_barely_move(tiny_cfg, tmp_path: Pat
             if bases:
                 ratio = float((delta @ bases[name].double()).norm() / delta.norm())
                 assert ratio < 1e-5, f"{name}: ||dW U_k|| / ||dW|| = {ratio:.2e}"
-            c = covs[name]
+            c = covs[name].double()
             out += float(torch.trace(delta @ c @ delta.T))
             base += float(torch.trace(w0[name].double() @ c @ w0[name].double().T))
             moved += float(delta.norm() ** 2)
