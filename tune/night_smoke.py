@@ -18,8 +18,6 @@ import polars as pl
 
 from gems.config import Config
 from gems.data.simulate import SimulationParams, day_name, simulate
-from gems.model import load_backbone
-from gems.nullspace import bases_for_run, save_bases
 from pipelines.stages.preprocess import run_preprocess
 from tune.registry import CHAMPION, VersionInfo, log_ranker, metric_tags, register_version
 from tune.tracking import run_tags, setup_tracking
@@ -59,17 +57,13 @@ def land_day(source: Path, live: Path, params: SimulationParams, day: int) -> st
 
 def bootstrap_champion(cfg: Config) -> VersionInfo:
     """Train on the logs as they are and register the result as ``champion`` (no sweep)."""
+    from tune.bases import prepare_bases
     from tune.trainer import run_training
 
     setup_tracking(cfg)
     manifest = run_preprocess(cfg)
     shard_dir = cfg.resolve(cfg.data.output_dir)
-    bases = None
-    if cfg.gems.method == "gems" and (cfg.gems.k > 0 or cfg.gems.energy is not None):
-        model, tokenizer = load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
-        bases = cfg.resolve("bootstrap/nullspace.safetensors")
-        save_bases(bases_for_run(model, tokenizer, cfg.gems, cfg.resolve("cache/nullspace")), bases)
-    outcome = run_training(cfg, shard_dir, bases)
+    outcome = run_training(cfg, shard_dir, prepare_bases(cfg))
     assert outcome.checkpoint_path is not None
     val = {k[len("val/"):]: float(v) for k, v in outcome.metrics.items() if k.startswith("val/")}
     params = {f: getattr(getattr(cfg, f.split(".")[0]), f.split(".")[1]) for f in TUNED_FIELDS}

@@ -30,13 +30,12 @@ from typing import Any, Literal
 import mlflow
 import polars as pl
 import ray
+from filelock import FileLock, Timeout
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from gems.config import Config, config_from_dict
 from gems.data.shards import read_items, read_manifest, read_split
-from gems.model import load_backbone
-from gems.nullspace import bases_for_run, save_bases
 from pipelines.stages.preprocess import run_preprocess
 from tune.decision import Decision, ModelScores, decide
 from tune.night_eval import (
@@ -79,7 +78,7 @@ CHAMPION_AT_START, ATTEMPTS, TRAINED_IN = f"{T}champion_version", f"{T}attempts"
 CHECKPOINT, MODEL_URI, VERSION, DECISION = f"{T}checkpoint", f"{T}model_uri", f"{T}version", f"{T}decision"
 EVALUATED = f"{T}evaluated"
 UNIFIED = "test/unified"
-Status = Literal["no_new_data", "already_decided", "promoted", "rejected"]
+Status = Literal["no_new_data", "already_decided", "in_progress", "promoted", "rejected"]
 
 
 class InjectedCrash(RuntimeError):
@@ -157,7 +156,9 @@ def _shards_match(shard_dir: Path, plan: NightPlan) -> bool:
         manifest = read_manifest(shard_dir)
     except FileNotFoundError:
         return False
-    return (manifest.get("watermark", {}).get("partitions") == list(plan.partitions)
+    read = manifest.get("watermark", {}).get("partitions") or []
+    # History days without rows of tonight's users are absent from the view, hence the subset test.
+    return (plan.holdout_day in read and set(read) <= set(plan.partitions)
             and manifest.get("config", {}).get("data", {}).get("cut_day") == plan.holdout_day)
 
 
@@ -184,34 +185,27 @@ def preprocess_night(cfg: Config, plan: NightPlan, events_root: Path, items_path
 # ------------------------------------------------------------------------------ training
 
 
-def night_bases(cfg: Config, tcfg: Config, work: Path) -> Path | None:
-    """Null-space bases of the champion (what the challenger must not forget), built once."""
-    if tcfg.gems.method != "gems" or (tcfg.gems.k == 0 and tcfg.gems.energy is None):
-        return None
-    path = work / "nullspace.safetensors"
-    if not path.exists():
-        model, tokenizer = load_backbone(tcfg.model, cfg.resolve(cfg.model.cache_dir))
-        save_bases(bases_for_run(model, tokenizer, tcfg.gems, cfg.resolve("cache/nullspace")), path)
-    return path
-
-
 def train_challenger(cfg: Config, tcfg: Config, shard_dir: Path, manifest: Mapping[str, Any], plan: NightPlan,
                      run_id: str, experiment_id: str) -> tuple[Path, dict[str, float | int], list[dict]]:
-    """Fine-tune the challenger (fixed params, or a small sweep); returns checkpoint, params, history."""
+    """Fine-tune the challenger (fixed params, or a small sweep); returns checkpoint, params, history.
+
+    The null-space bases come from the champion: the general knowledge the challenger must keep.
+    """
+    from tune.bases import prepare_bases
     from tune.sweep import SweepInputs, best_trial, sweep_name
+    from tune.sweep_bases import sweep_bases
     from tune.tracked_sweep import run_logged_sweep
     from tune.trainer import run_training
 
-    work = night_dir(cfg, plan.key)
-    bases = night_bases(cfg, tcfg, work)
     if cfg.nightly.sweep:
+        bases = sweep_bases(tcfg)
         inputs = SweepInputs(config=tcfg.model_dump(mode="json"), shard_dir=str(shard_dir),
                              bases_path=str(bases) if bases else None)
         outcome = run_logged_sweep(tcfg, inputs, sweep_name(tcfg, manifest.get("fingerprint")), run_id,
                                    resolve_tracking_uri(cfg), experiment_id, run_tags(cfg, manifest))
         best = best_trial(outcome.results)
         return Path(best.checkpoint_path), dict(best.params), []
-    result = run_training(tcfg, shard_dir, bases, run_name=f"{cfg.name}-nightly-{plan.key}")
+    result = run_training(tcfg, shard_dir, prepare_bases(tcfg), run_name=f"{cfg.name}-nightly-{plan.key}")
     if result.checkpoint_path is None:
         raise NightlyError("training finished without a local checkpoint (train.storage_path must be a "
                            "local or mounted path for nightly runs)")
@@ -341,15 +335,34 @@ def params_from_run_data(run: Run) -> dict[str, float | int]:
 
 
 def run_nightly(cfg: Config) -> NightlyOutcome:
-    """Run (or finish) tonight's retraining; Ray is initialised by the caller."""
+    """Run (or finish) tonight's retraining; Ray is initialised by the caller.
+
+    A lock file per night (under the state dir) turns a concurrent second run into a no-op.
+    """
     _check_crash_env()
     started = time.perf_counter()
-    experiment_id = setup_tracking(cfg)
-    name = cfg.mlflow.registered_model
     events_root, items_path = log_locations(cfg)
     partitions = list_partitions(events_root)
     if not partitions:
         raise NightlyError(f"no day partitions with data under {events_root}")
+    lock_path = cfg.resolve("nightly") / f".{partitions[-1]}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return NightlyOutcome(status="in_progress", night=partitions[-1],
+                              message=f"another run of night {partitions[-1]} is in progress ({lock_path}); "
+                                      "nothing to do")
+    try:
+        return _run_night(cfg, setup_tracking(cfg), partitions, events_root, items_path, started)
+    finally:
+        lock.release()
+
+
+def _run_night(cfg: Config, experiment_id: str, partitions: list[str], events_root: Path, items_path: Path,
+               started: float) -> NightlyOutcome:
+    name = cfg.mlflow.registered_model
     previous = find_night_run(experiment_id, partitions[-1])
     if previous is not None and DECISION in previous.data.tags:
         if previous.info.status != "FINISHED":

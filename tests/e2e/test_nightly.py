@@ -1,13 +1,13 @@
 """Nightly retraining end to end on a real Ray head (`ray start --head`) and a real MLflow (SQLite).
 
-Simulated logs arrive one day at a time. Day 1 -> champion v1 (watermark day 1). Day 2: a crash
-injected after training leaves the champion alone, the rerun finishes without training again, the
-challenger (trained from v1, compared with v1 on day 2) is promoted and the old champion becomes
-`previous`; a further run is a no-op; the item first seen on day 2 has a token and is ranked by the
-served champion. Day 3 with an absurd learning rate: rejected, registered as `challenger`, the
-champion stays. Finally the cron line submits the night to the head as a Ray job, twice: the job
-reports the night as decided and the second trigger does nothing. One Ray session for everything
-(two cores are shared), tiny Llama, three training steps per model.
+Simulated logs arrive one day at a time. Day 1: pipelines/full.py --smoke-test -> champion v1
+(watermark day 1). Day 2: a crash injected after training leaves the champion alone, the rerun
+finishes without training again, the challenger (trained from v1, compared with v1 on day 2) is
+promoted and the old champion becomes `previous`; a further run is a no-op; the item first seen
+on day 2 has a token and is ranked by the served champion. Day 3 with an absurd learning rate:
+rejected, registered as `challenger`, the champion stays. Finally the cron line submits the night
+to the head as a Ray job, twice: the job reports the night as decided and the second trigger does
+nothing. One Ray session for everything (two cores are shared), tiny Llama, three training steps.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ray.job_submission import JobSubmissionClient
 from gems.config import PROJECT_ROOT, Config, load_config
 from gems.items import item_token
 from gems.model import load_backbone
-from tune.night_smoke import bootstrap_champion, land_day, simulate_source
+from tune.night_smoke import land_day, simulate_source
 from tune.nightly import CHECKPOINT, CRASH_ENV, InjectedCrash, find_night_run, run_nightly
 from tune.registry import CHALLENGER, CHAMPION, PREVIOUS, get_version
 from tune.tracking import setup_tracking
@@ -154,9 +154,15 @@ def _versions(world: World) -> list[str]:
 
 
 def test_day_one_champion_and_nothing_new(world: World) -> None:
+    """pipelines/full.py --smoke-test on day 1 (its sweep, test evaluation and registration)."""
+    from pipelines.full import main as full_main
+
     day1 = world.land(0)
-    champion = bootstrap_champion(world.cfg)
-    assert champion.version == "1" and parse_watermark(champion.watermark) == day1
+    overrides = [f"state_dir={world.cfg.state_dir}", *E2E]
+    assert full_main(["--smoke-test", *[arg for o in overrides for arg in ("--set", o)]]) == 0
+    champion = get_version(NAME, CHAMPION)
+    assert champion is not None and champion.version == "1" and parse_watermark(champion.watermark) == day1
+    assert any(k.startswith("gems.param.") for k in champion.tags), "the nightly reuses the champion's params"
     outcome = run_nightly(world.cfg)
     assert outcome.status == "no_new_data" and "nothing to do" in outcome.message
     assert _versions(world) == ["1"]
