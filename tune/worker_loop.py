@@ -137,6 +137,9 @@ class MetricWindow:
     """Averages step statistics between two reports; tokens/s over training time only."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.tokens = 0
@@ -156,7 +159,7 @@ class MetricWindow:
             # Every rank processes the same batch layout, so global throughput = world x local.
             out["train/tokens_per_s"] = world_size * self.tokens / self.seconds
             out["train/step_time_s"] = self.seconds / max(self.counts.get("loss", 1), 1)
-        self.__init__()  # type: ignore[misc]
+        self.reset()
         return out
 
 
@@ -208,7 +211,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     seed_everything(tc.seed)
 
-    autocast_dtype, precision = _from_rank0(resolve_precision(tc.precision, device))
+    # Rank 0 probes and every rank adopts its verdict: mixed precisions would desync replicas.
+    autocast_dtype, precision = _from_rank0(resolve_precision(tc.precision, device) if rank == 0 else None)
 
     # Rank 0 first: it may build the backbone cache (dequantized SmolLM2) that the others reuse.
     if rank == 0:
