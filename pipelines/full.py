@@ -1,0 +1,142 @@
+"""The main job: preprocess -> null-space bases -> Tune + Optuna sweep -> test evaluation -> champion.
+
+Run: .venv/bin/python pipelines/full.py                      (the embedded default: demo.yaml)
+     .venv/bin/python pipelines/full.py --config C [--set k=v ...]
+     .venv/bin/python pipelines/full.py --smoke-test          (tiny model, 2 trials, about a minute)
+     ray job submit --working-dir . -- python pipelines/full.py --set state_dir=/abs/path
+Tracking: MLFLOW_TRACKING_URI (or mlflow.tracking_uri), else SQLite under the state dir. An
+unreachable tracking server fails here in seconds, before any work. Re-running an interrupted job
+resumes its sweep (finished trials kept); re-running a finished one reports what it registered.
+The registry changes only at the very end, so a crash leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlflow  # noqa: E402
+
+from gems.config import Config, ConfigError, load_config  # noqa: E402
+from tune.tracking import (  # noqa: E402
+    TrackingError,
+    log_dataset_inputs,
+    log_run_context,
+    run_tags,
+    setup_tracking,
+    ui_command,
+)
+
+# Ray, torch and the training stack are imported only after the tracking store answered: a
+# misconfigured job then fails in seconds instead of after loading everything.
+
+log = logging.getLogger("gems.full")
+
+# Seconds-to-a-minute: the tiny random Llama, a small simulated log, 2 short trials.
+SMOKE = ["state_dir=.state/smoke", "train.max_steps=4", "train.report_every=2", "train.eval_every=2",
+         "train.checkpoint_every=2", "train.warmup_steps=1", "tune.num_samples=2", "eval.max_examples=8",
+         "eval.mmlu_questions=4", "eval.retention_max_tokens=128", "gems.general_max_tokens=256",
+         "data.synthetic_users=30", "data.synthetic_items=40", "data.num_buckets=2"]
+EXIT_CONFIG, EXIT_TRACKING, EXIT_INTERRUPTED = 2, 3, 4
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--config", default="demo", help="YAML config (name in pipelines/configs or a path)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. --set tune.num_samples=8")
+    ap.add_argument("--smoke-test", action="store_true", help="tiny model, tiny data, 2 trials")
+    return ap.parse_args(argv)
+
+
+def load(args: argparse.Namespace) -> Config:
+    config = "tiny" if args.smoke_test else args.config
+    cfg = load_config(config, (SMOKE if args.smoke_test else []) + list(args.set))
+    # Pin the state dir before anything runs elsewhere: trials and jobs must agree on one path.
+    cfg.state_dir = str(cfg.state_path)
+    if "runtime_resources" in cfg.state_dir:
+        log.warning("state dir %s is inside Ray's unpacked working_dir and is lost with the job; "
+                    "pass --set state_dir=/absolute/path", cfg.state_dir)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    started = time.monotonic()
+    args = parse_args(argv)
+    try:
+        cfg = load(args)
+        tracking_uri_env = os.environ.get("MLFLOW_TRACKING_URI")
+        experiment_id = setup_tracking(cfg)  # before any work: a dead server fails in seconds
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return EXIT_CONFIG
+    except TrackingError as err:
+        print(f"tracking: {err}", file=sys.stderr)
+        return EXIT_TRACKING
+    tracking_uri = mlflow.get_tracking_uri()
+    source = ("config" if cfg.mlflow.tracking_uri else "MLFLOW_TRACKING_URI" if tracking_uri_env
+              else "state dir")
+    log.info("tracking at %s (from %s)", tracking_uri, source)
+
+    import ray
+
+    from gems.data.shards import read_split
+    from pipelines.stages.preprocess import run_preprocess
+    from tune.champion import evaluate_checkpoint, log_test_report, register_champion
+    from tune.space import apply_params
+    from tune.sweep import SweepInputs, SweepInterrupted, best_trial, sweep_name
+    from tune.sweep_bases import sweep_bases
+    from tune.tracked_sweep import REGISTERED_TAG, pipeline_run, run_logged_sweep
+
+    ray.init(ignore_reinit_error=True)  # joins the cluster under `ray job submit`, else starts one
+
+    manifest = run_preprocess(cfg)
+    shard_dir = cfg.resolve(cfg.data.output_dir)
+    name = sweep_name(cfg, manifest.get("fingerprint"))
+    tags = run_tags(cfg, manifest)
+    try:
+        with pipeline_run(experiment_id, name, f"{cfg.name}-full", tags) as run:
+            if run.state == "finished":
+                print(f"sweep {name} already finished in MLflow run {run.run_id}; registered: "
+                      f"{run.registered_uri}. Use --set tune.resume=false for a new sweep.")
+                return 0
+            if run.state == "new":
+                log_run_context(cfg, manifest, shard_dir)
+                splits = {s: read_split(shard_dir, s) for s in ("train", "val", "test")}
+                log_dataset_inputs(splits, shard_dir, manifest.get("fingerprint"))
+            bases = sweep_bases(cfg)
+            inputs = SweepInputs(config=cfg.model_dump(), shard_dir=str(shard_dir),
+                                 bases_path=str(bases) if bases else None)
+            outcome = run_logged_sweep(cfg, inputs, name, run.run_id, tracking_uri, experiment_id, tags)
+            best = best_trial(outcome.results)
+            mlflow.log_params({f"best.{k}": v for k, v in best.params.items()}
+                              | {"best.trial_id": best.trial_id})
+            best_cfg = apply_params(cfg, best.params)
+            report = evaluate_checkpoint(best_cfg, Path(best.checkpoint_path), shard_dir)
+            log_test_report(report)
+            version = register_champion(best_cfg, best, report, shard_dir, manifest, name, run.run_id)
+            mlflow.set_tag(REGISTERED_TAG, f"models:/{version.name}/{version.version}")
+            mlflow.log_metric("pipeline/wall_time_s", time.monotonic() - started)
+    except SweepInterrupted as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print("\n".join([
+        f"best trial {best.trial_id}: val unified {best.metrics['unified']:.4f}, "
+        f"test unified {report.unified:.4f}",
+        f"registered: models:/{version.name}/{version.version}  (alias: models:/{version.name}@champion)",
+        f"MLflow run: {run.run_id}",
+        f"browse: {ui_command(tracking_uri)}",
+        f"wall time: {time.monotonic() - started:.0f} s"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
