@@ -147,3 +147,27 @@ def test_sliced_bases_equal_bases_estimated_with_that_k(tmp_path: Path) -> None:
     assert bases_for_trial(load_config("tiny", ["gems.k=0"]), widest) is None
     with pytest.raises(ValueError, match="exceeds the 12 directions"):
         bases_for_trial(load_config("tiny", ["gems.k=13"]), widest)
+
+
+@pytest.mark.parametrize("algorithm,directions", [("tpe", 1), ("nsga2", 2)])
+def test_searcher_samples_the_space_under_the_limit_and_persists_the_study(
+        algorithm: str, directions: int, tmp_path: Path) -> None:
+    from tune.sweep import REC_NDCG, SEARCH_NDCG, UNIFIED, build_searcher
+
+    cfg = load_config("tiny", [f"state_dir={tmp_path}", f"tune.algorithm={algorithm}", "tune.num_samples=6",
+                               "tune.points_to_evaluate=[{gems.tau: 1.0, gems.r_shared: 4}]"])
+    searcher = build_searcher(cfg, "study-x", max_concurrent=1)
+    assert searcher.suggest("t0") == {"gems.tau": 1.0, "gems.r_shared": 4}  # the given point first
+    assert searcher.suggest("t1") is None  # one trial at a time
+    for i in range(6):
+        trial_id = f"t{i}"
+        params = searcher.suggest(trial_id) if i else {"gems.tau": 1.0, "gems.r_shared": 4}
+        assert 0.3 <= params["gems.tau"] <= 3.0 and 2 <= params["gems.r_shared"] <= 8
+        assert isinstance(params["gems.r_shared"], int)
+        search, rec = 0.1 + 0.01 * i, 0.2 - 0.01 * i
+        searcher.on_trial_complete(trial_id, result={UNIFIED: (search + rec) / 2, SEARCH_NDCG: search,
+                                                     REC_NDCG: rec, "training_iteration": 1})
+    study = optuna.load_study(study_name="study-x", storage=study_storage_url(cfg))
+    assert len(study.directions) == directions
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 6
+    assert (cfg.state_path / "optuna.db").is_file()
