@@ -173,6 +173,9 @@ class GEMSConfig(_Section):
     lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (method=lora).")
     galore_scale: float = Field(0.25, gt=0, le=100, description="GaLore scale (method=galore); "
                                 "its rank is r_shared and its update gap t_svd.")
+    svd: Literal["auto", "full", "randomized"] = Field(
+        "auto", description="Basis refresh SVD: full (torch.linalg.svd), randomized (seeded range "
+        "finder, ~10x cheaper), or auto = randomized when the rank is <= 1/4 of min(m, n).")
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> GEMSConfig:

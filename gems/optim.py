@@ -45,6 +45,7 @@ from gems.subspace import (
     Side,
     Subspace,
     basis_side,
+    choose_svd,
     clamp_rank,
     target_parameter_names,
     top_basis,
@@ -400,7 +401,8 @@ class GEMSAdamW(torch.optim.Optimizer):
 
     def _refresh(self, p: Tensor, layer: _Layer, s: str, g: Tensor, orthogonal_to: Tensor | None) -> None:
         st = self.state[p]
-        q_new = top_basis(g, layer.ranks[s], layer.side, orthogonal_to)
+        method = choose_svd(self.cfg.svd, layer.ranks[s], layer.m, layer.n)
+        q_new = top_basis(g, layer.ranks[s], layer.side, orthogonal_to, method)
         mode = self.cfg.moment_transfer
         if mode == "rotate" and int(st[f"t_{s}"]) > 0:
             m, v = transfer_moments(st[f"m_{s}"], st[f"v_{s}"], st[f"q_{s}"], q_new, layer.side)

@@ -58,8 +58,43 @@ class Subspace:
         return g - self.back(self.project(g))
 
 
-def top_basis(g: Tensor, rank: int, side: Side, orthogonal_to: Tensor | None = None) -> Tensor:
-    """Top-``rank`` singular vectors of ``g`` on ``side`` (float32 SVD), canonical signs.
+SvdMethod = Literal["full", "randomized"]
+OVERSAMPLE = 8
+POWER_ITERATIONS = 2
+
+
+def choose_svd(requested: str, rank: int, m: int, n: int) -> SvdMethod:
+    """``gems.svd``: auto = randomized when rank <= min(m, n) / 4 (where it pays off), else full."""
+    if requested == "auto":
+        return "randomized" if 4 * rank <= min(m, n) else "full"
+    if requested not in ("full", "randomized"):
+        raise ValueError(f"gems.svd must be auto, full or randomized, got {requested!r}")
+    return requested  # type: ignore[return-value]
+
+
+def _left_singular_vectors(a: Tensor, rank: int, method: SvdMethod) -> Tensor:
+    """Top-``rank`` left singular vectors of ``a`` (d x o).
+
+    ``randomized``: a range finder with power iterations (Halko et al. 2011) whose test matrix is
+    seeded from the shape, so every rank and device computes the same basis without sharing RNG.
+    """
+    if method == "full":
+        return torch.linalg.svd(a, full_matrices=False)[0][:, :rank]
+    d, o = a.shape
+    width = min(rank + OVERSAMPLE, d, o)
+    gen = torch.Generator().manual_seed(1_000_003 * d + o)
+    y = a @ torch.randn(o, width, generator=gen).to(device=a.device, dtype=a.dtype)
+    for _ in range(POWER_ITERATIONS):
+        y = torch.linalg.qr(y).Q
+        y = a @ (a.T @ y)
+    q = torch.linalg.qr(y).Q
+    u_small = torch.linalg.svd(q.T @ a, full_matrices=False)[0]
+    return (q @ u_small)[:, :rank]
+
+
+def top_basis(g: Tensor, rank: int, side: Side, orthogonal_to: Tensor | None = None,
+              method: SvdMethod = "full") -> Tensor:
+    """Top-``rank`` singular vectors of ``g`` on ``side`` (float32), canonical signs.
 
     With ``orthogonal_to`` (an orthonormal d x r0 basis on the same side), the component of ``g``
     in that subspace is removed first (complementary task subspaces); the result is then
@@ -67,10 +102,13 @@ def top_basis(g: Tensor, rank: int, side: Side, orthogonal_to: Tensor | None = N
     when ``g`` has fewer than ``rank`` non-zero singular values left.
     """
     g32 = g.float()
+    dim = g.shape[0] if side == "left" else g.shape[1]
+    if rank > dim or (orthogonal_to is not None and rank + orthogonal_to.shape[1] > dim):
+        held = 0 if orthogonal_to is None else orthogonal_to.shape[1]
+        raise ValueError(f"rank {rank} (+ {held} excluded) does not fit in dimension {dim}")
     if orthogonal_to is not None:
         g32 = Subspace(orthogonal_to, side).remove_from(g32)
-    u, _, vh = torch.linalg.svd(g32, full_matrices=False)
-    q = u[:, :rank] if side == "left" else vh[:rank].T
+    q = _left_singular_vectors(g32 if side == "left" else g32.T, rank, method)
     if orthogonal_to is not None:
         q = q - orthogonal_to @ (orthogonal_to.T @ q)
         q = torch.linalg.qr(q).Q

@@ -193,7 +193,7 @@ def run_case(shape_key: str, side: str | None, complementary: bool, transfer: st
     gen = torch.Generator().manual_seed(zlib.crc32(f"{shape_key}{side}{complementary}{transfer}".encode()))
     cfg = GEMSConfig(r_shared=3, r_search=2, r_rec=2, t_svd=T_SVD, complementary=complementary,
                      moment_transfer=transfer, k=K if side else 0, nullspace_side=side or "input",
-                     alpha=0.7, tau=0.7, weight_decay=0.05)
+                     alpha=0.7, tau=0.7, weight_decay=0.05, svd="full")
     lr, max_norm = 0.01, 3.0
     shapes = SHAPES[shape_key]
     weights = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
