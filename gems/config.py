@@ -276,6 +276,8 @@ class TuneConfig(_Section):
                          "(finished trials kept); False = always start a new sweep.")
     data_cpus: float = Field(1.0, ge=0, le=1024, description="CPUs left free for Ray Data ingest when "
                              "max_concurrent is computed from the cluster (avoids Data/Train deadlock).")
+    eval_every: int | None = Field(None, ge=1, description="Val evaluations every N steps inside sweep "
+                                   "trials: ASHA's rungs (None = train.eval_every).")
 
 
 class MLflowConfig(_Section):

@@ -102,6 +102,7 @@ def train_trial(params: dict[str, Any], inputs: SweepInputs) -> None:
     from tune.trainer import build_trainer
 
     cfg = apply_params(config_from_dict(inputs.config), params)
+    cfg.train.eval_every = trial_eval_every(cfg)  # ASHA needs val metrics during the trial
     trial_id = ray.tune.get_context().get_trial_id()
     bases = bases_for_trial(cfg, Path(inputs.bases_path) if inputs.bases_path else None)
     trainer = build_trainer(cfg, Path(inputs.shard_dir), bases, run_name=f"trial-{trial_id}")
@@ -138,9 +139,13 @@ def max_concurrent_trials(cfg: Config, cluster_cpus: float | None = None) -> int
     return max(1, int((cpus - cfg.tune.data_cpus) // per_trial))
 
 
+def trial_eval_every(cfg: Config) -> int | None:
+    return cfg.tune.eval_every or cfg.train.eval_every
+
+
 def evals_per_trial(cfg: Config) -> int:
     """Val evaluations a full trial makes (every eval_every steps, and always at the end)."""
-    every, steps = cfg.train.eval_every, cfg.train.max_steps
+    every, steps = trial_eval_every(cfg), cfg.train.max_steps
     if not every:
         return 1
     return steps // every + (1 if steps % every else 0)
