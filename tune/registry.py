@@ -31,13 +31,13 @@ from tune.serving import (
     ITEMS_ARTIFACT,
     MODEL_ARTIFACT,
     SETTINGS_ARTIFACT,
-    GemsRanker,
     ServingSettings,
     write_settings,
 )
 from tune.tracking import TAG_PREFIX
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+SERVING_MODEL_FILE = PROJECT_ROOT / "tune" / "serving_model.py"  # models from code: nothing pickled
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "polars", "pandas", "numpy",
                     "pydantic", "pyyaml", "tqdm", "mlflow")
 
@@ -129,7 +129,7 @@ def log_ranker(checkpoint_dir: Path, items_path: Path, cfg: Config, name: str = 
         items_copy = Path(tmp) / "items.parquet"
         shutil.copyfile(items_path, items_copy)
         return mlflow.pyfunc.log_model(
-            name=name, python_model=GemsRanker(),
+            name=name, python_model=str(SERVING_MODEL_FILE),
             artifacts={MODEL_ARTIFACT: str(model_dir), ITEMS_ARTIFACT: str(items_copy),
                        SETTINGS_ARTIFACT: str(settings)},
             code_paths=[str(PROJECT_ROOT / "gems"), str(PROJECT_ROOT / "tune")],

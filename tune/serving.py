@@ -155,7 +155,6 @@ class GemsRanker(mlflow.pyfunc.PythonModel):
     """pyfunc: DataFrame(task, history_item_ids, query) -> DataFrame(item_ids, scores)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.settings = ServingSettings(**json.loads(Path(context.artifacts[SETTINGS_ARTIFACT]).read_text()))
         self.model, self.tokenizer, self.catalog, self.item_token_ids = load_ranker_parts(
             Path(context.artifacts[MODEL_ARTIFACT]), Path(context.artifacts[ITEMS_ARTIFACT]))
