@@ -15,7 +15,7 @@
 Baselines run the same two per-task passes as GEMS (the mixed gradient is their sum), so the
 gradient conflict coefficient is logged for every method on the same layers; they then take one
 ordinary optimizer step on the mixed gradient. GaLore's optimizer state holds its projector
-objects (not tensors only), so resuming it needs a full pickle, unlike GEMS.
+objects (not tensors only, unlike GEMS); ``gems.checkpoint`` converts them for weights-only files.
 """
 
 from __future__ import annotations
