@@ -96,9 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     from tune.sweep_bases import sweep_bases
     from tune.tracked_sweep import REGISTERED_TAG, pipeline_run, run_logged_sweep
 
+    stages: dict[str, float] = {}  # seconds per stage, logged on the parent run
+
+    def lap(stage: str) -> None:
+        stages[f"pipeline/{stage}_s"] = time.monotonic() - started - sum(stages.values())
+
     ray.init(ignore_reinit_error=True)  # joins the cluster under `ray job submit`, else starts one
+    lap("startup")
 
     manifest = run_preprocess(cfg)
+    lap("preprocess")
     shard_dir = cfg.resolve(cfg.data.output_dir)
     name = sweep_name(cfg, manifest.get("fingerprint"))
     tags = run_tags(cfg, manifest)
@@ -113,18 +120,22 @@ def main(argv: list[str] | None = None) -> int:
                 splits = {s: read_split(shard_dir, s) for s in ("train", "val", "test")}
                 log_dataset_inputs(splits, shard_dir, manifest.get("fingerprint"))
             bases = sweep_bases(cfg)
+            lap("nullspace_bases")
             inputs = SweepInputs(config=cfg.model_dump(), shard_dir=str(shard_dir),
                                  bases_path=str(bases) if bases else None)
             outcome = run_logged_sweep(cfg, inputs, name, run.run_id, tracking_uri, experiment_id, tags)
+            lap("sweep")
             best = best_trial(outcome.results)
             mlflow.log_params({f"best.{k}": v for k, v in best.params.items()}
                               | {"best.trial_id": best.trial_id})
             best_cfg = apply_params(cfg, best.params)
             report = evaluate_checkpoint(best_cfg, Path(best.checkpoint_path), shard_dir)
+            lap("test_evaluation")
             log_test_report(report)
             version = register_champion(best_cfg, best, report, shard_dir, manifest, name, run.run_id)
+            lap("registration")
             mlflow.set_tag(REGISTERED_TAG, f"models:/{version.name}/{version.version}")
-            mlflow.log_metric("pipeline/wall_time_s", time.monotonic() - started)
+            mlflow.log_metrics({**stages, "pipeline/wall_time_s": time.monotonic() - started})
     except SweepInterrupted as err:
         print(str(err), file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -134,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         f"registered: models:/{version.name}/{version.version}  (alias: models:/{version.name}@champion)",
         f"MLflow run: {run.run_id}",
         f"browse: {ui_command(tracking_uri)}",
-        f"wall time: {time.monotonic() - started:.0f} s"]))
+        f"wall time: {time.monotonic() - started:.0f} s ("
+        + ", ".join(f"{k[len('pipeline/'):-2]} {v:.0f}" for k, v in stages.items()) + ")"]))
     return 0
 
 
