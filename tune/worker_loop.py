@@ -200,6 +200,42 @@ def _maybe_fail(step: int, rank: int, fail_at_step: int | None, marker: str | No
 # -------------------------------------------------------------------------------- the loop
 
 
+def _load_model_with_items(cfg: Config, rank: int) -> tuple[Any, Any, list[str], list[int]]:
+    """Backbone + the catalog's item tokens (sorted by item id: the same token ids on all ranks)."""
+    # Rank 0 first: it may build the backbone cache (dequantized SmolLM2) that the others reuse.
+    if rank == 0:
+        model, tokenizer = load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
+    _barrier()
+    if rank != 0:
+        model, tokenizer = load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
+    items = dataset_frame("items", ["item_id", "title"]).sort("item_id")
+    item_ids = [str(i) for i in items["item_id"].to_list()]
+    new_ids = add_item_tokens(model, tokenizer, list(zip(item_ids, items["title"].to_list(), strict=True)))
+    return model, tokenizer, item_ids, new_ids
+
+
+def _checkpoint_to_resume(loop_config: Mapping[str, Any]) -> ray.train.Checkpoint | None:
+    """The run's latest checkpoint (after a failure), else the one given by ``--resume``."""
+    latest = ray.train.get_checkpoint()
+    if latest is None and loop_config.get("resume_from"):
+        return ray.train.Checkpoint(loop_config["resume_from"])
+    return latest
+
+
+def _agreed_precision(setting: str, device: torch.device, rank: int,
+                      saved: Mapping[str, Any] | None) -> tuple[torch.dtype | None, dict[str, Any]]:
+    """Rank 0 decides and every rank adopts it (mixed precisions would desync replicas); a resumed
+    ``auto`` run keeps the choice it started with, so the continuation stays exact."""
+    if rank != 0:
+        return _from_rank0(None)
+    if setting == "auto" and saved and saved.get("precision") in ("bf16", "fp32"):
+        choice = (torch.bfloat16 if saved["precision"] == "bf16" else None,
+                  {**saved, "precision_reason": f"resumed: {saved.get('precision_reason', '')}"})
+    else:
+        choice = resolve_precision(setting, device)  # type: ignore[arg-type]
+    return _from_rank0(choice)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Entry point given to ``TorchTrainer``; returns (on rank 0) the run's metric history."""
     cfg = Config.model_validate(loop_config["cfg"])
@@ -211,20 +247,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     seed_everything(tc.seed)
 
-    # Rank 0 probes and every rank adopts its verdict: mixed precisions would desync replicas.
-    autocast_dtype, precision = _from_rank0(resolve_precision(tc.precision, device) if rank == 0 else None)
-
-    # Rank 0 first: it may build the backbone cache (dequantized SmolLM2) that the others reuse.
-    if rank == 0:
-        model, tokenizer = load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
-    _barrier()
-    if rank != 0:
-        model, tokenizer = load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
-    items = dataset_frame("items", ["item_id", "title"]).sort("item_id")
-    item_ids = items["item_id"].to_list()
-    new_ids = add_item_tokens(model, tokenizer, list(zip(item_ids, items["title"].to_list(), strict=True)))
+    model, tokenizer, item_ids, new_ids = _load_model_with_items(cfg, rank)
     model.to(device)
-
     bases = load_bases(Path(loop_config["bases_path"])) if loop_config.get("bases_path") else None
     # item_token_ids: LoRA trains the item rows (peft trainable_token_indices); others ignore it.
     method = build_method(model, cfg.gems, tc.lr, bases, item_token_ids=new_ids)
@@ -240,17 +264,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     val = dataset_frame("val") if rank == 0 else None
     val_token_ids = item_token_ids(tokenizer, item_ids)
 
-    start_step, history = 0, []
-    resumed = ray.train.get_checkpoint()
-    if resumed is None and loop_config.get("resume_from"):
-        resumed = ray.train.Checkpoint(loop_config["resume_from"])
+    start_step, history, saved_precision = 0, [], None
+    resumed = _checkpoint_to_resume(loop_config)
     if resumed is not None:
         with resumed.as_directory() as ckpt_dir:
             state = load_training_checkpoint(Path(ckpt_dir), model=_unwrap(train_model),
                                              optimizer=method.optimizer, scheduler=schedule)
         start_step = batcher.resume_step(state.data_position)
         history = list(state.extra.get("history", []))
+        saved_precision = state.extra.get("precision")
         log.info("rank %d resumed at step %d from %s", rank, start_step, resumed.path)
+    autocast_dtype, precision = _agreed_precision(tc.precision, device, rank, saved_precision)
 
     window = MetricWindow()
     for step in range(start_step, tc.max_steps):
@@ -270,7 +294,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         metrics: dict[str, Any] = {"step": done, "train/lr": current_lr(schedule),
                                    "train/precision_bf16": float(autocast_dtype is not None),
                                    **window.flush(world)}
-        if is_eval and rank == 0 and val is not None:
+        if is_eval and val is not None:
             metrics.update(_evaluate(_unwrap(train_model), tokenizer, val, item_ids, val_token_ids, cfg))
         if done == tc.max_steps:
             digests = _all_digests(_unwrap(train_model))
