@@ -1,7 +1,7 @@
 """Nightly retraining on new log partitions: warm start from the champion, compare, maybe promote.
 
 Run: .venv/bin/python pipelines/nightly.py --config demo            (after pipelines/full.py)
-     .venv/bin/python pipelines/nightly.py --smoke-test              (self-contained, tiny, ~minutes)
+     .venv/bin/python pipelines/nightly.py --smoke-test              (self-contained: tiny model, 2 days)
      infra/nightly_submit.sh                                         (what cron / systemd run)
 Prints what happened (no new data / already decided / promoted / rejected) and the metrics of
 both models. Safe to run twice and after a crash (see tune/nightly.py).
@@ -23,17 +23,18 @@ import ray  # noqa: E402
 from gems.config import ConfigError, load_config  # noqa: E402
 from tune.watermark import NightlyError  # noqa: E402
 
-SMOKE = ["data.source=events", "data.path=smoke-nightly/live/events",
-         "data.items_path=smoke-nightly/live/items.parquet", "data.output_dir=smoke-nightly/shards",
-         "data.synthetic_users=30", "data.synthetic_items=40", "data.num_buckets=2",
-         "model.name_or_path=tiny-llama", "train.max_steps=3", "train.checkpoint_every=3",
+# Tiny everything (the tiny config plus these), in its own state dir: two simulated days, a champion
+# trained on day 1, tonight = day 2.
+SMOKE = ["state_dir=.state/smoke-nightly", "data.source=events", "data.path=live/events",
+         "data.items_path=live/items.parquet", "data.output_dir=shards", "data.synthetic_users=30",
+         "data.synthetic_items=40", "data.num_buckets=2", "train.max_steps=3", "train.checkpoint_every=3",
          "train.report_every=3", "eval.max_examples=8", "eval.mmlu_questions=4",
          "eval.retention_max_tokens=128", "gems.general_max_tokens=256",
          "mlflow.experiment=gems-sr-smoke", "mlflow.registered_model=gems-sr-smoke"]
 SMOKE_DAYS = 2
 
 
-def _smoke_setup(config: str, overrides: list[str]) -> list[str]:
+def _smoke_setup(config: str, overrides: list[str]) -> None:
     """Land simulated day 1 (and a champion trained on it) once, then day 2 for tonight."""
     from tune.night_smoke import bootstrap_champion, land_day, simulate_source
     from tune.registry import get_champion
@@ -45,10 +46,9 @@ def _smoke_setup(config: str, overrides: list[str]) -> list[str]:
     setup_tracking(cfg)
     if get_champion(cfg.mlflow.registered_model) is None:
         land_day(source, live, params, 0)
-        champion = bootstrap_champion(load_config(config, [*overrides, "data.output_dir=smoke-nightly/day1"]))
-        print(f"smoke test: bootstrap champion {champion.uri} on day 1")
+        champion = bootstrap_champion(load_config(config, [*overrides, "data.output_dir=day1-shards"]))
+        print(f"smoke test: champion {champion.uri} trained on day 1")
     land_day(source, live, params, SMOKE_DAYS - 1)
-    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,15 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set nightly.tolerance=0.01")
     ap.add_argument("--smoke-test", action="store_true",
-                    help="tiny model and simulated days 1-2 under <state_dir>/smoke-nightly")
+                    help="tiny config, simulated days 1-2 under .state/smoke-nightly (overridable)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    overrides = list(args.set)
-    if args.smoke_test:
-        overrides = [*SMOKE, *overrides]
+    config = "tiny" if args.smoke_test else args.config
+    overrides = [*SMOKE, *args.set] if args.smoke_test else list(args.set)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(config, overrides)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.smoke_test:
-            _smoke_setup(args.config, overrides)
+            _smoke_setup(config, overrides)
         outcome = run_nightly(cfg)
     except NightlyError as err:
         print(f"nightly: {err}", file=sys.stderr)

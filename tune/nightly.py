@@ -189,7 +189,9 @@ def train_challenger(cfg: Config, tcfg: Config, shard_dir: Path, manifest: Mappi
                      run_id: str, experiment_id: str) -> tuple[Path, dict[str, float | int], list[dict]]:
     """Fine-tune the challenger (fixed params, or a small sweep); returns checkpoint, params, history.
 
-    The null-space bases come from the champion: the general knowledge the challenger must keep.
+    The null-space bases are the base backbone's (cfg.model), as for the champion: every night's
+    update stays orthogonal to the same general-domain directions, so protection does not erode
+    from night to night, and the cached bases are reused instead of re-estimated.
     """
     from tune.bases import prepare_bases
     from tune.sweep import SweepInputs, best_trial, sweep_name
@@ -197,15 +199,16 @@ def train_challenger(cfg: Config, tcfg: Config, shard_dir: Path, manifest: Mappi
     from tune.tracked_sweep import run_logged_sweep
     from tune.trainer import run_training
 
+    base = tcfg.model_copy(update={"model": cfg.model})
     if cfg.nightly.sweep:
-        bases = sweep_bases(tcfg)
+        bases = sweep_bases(base)
         inputs = SweepInputs(config=tcfg.model_dump(mode="json"), shard_dir=str(shard_dir),
                              bases_path=str(bases) if bases else None)
         outcome = run_logged_sweep(tcfg, inputs, sweep_name(tcfg, manifest.get("fingerprint")), run_id,
                                    resolve_tracking_uri(cfg), experiment_id, run_tags(cfg, manifest))
         best = best_trial(outcome.results)
         return Path(best.checkpoint_path), dict(best.params), []
-    result = run_training(tcfg, shard_dir, prepare_bases(tcfg), run_name=f"{cfg.name}-nightly-{plan.key}")
+    result = run_training(tcfg, shard_dir, prepare_bases(base), run_name=f"{cfg.name}-nightly-{plan.key}")
     if result.checkpoint_path is None:
         raise NightlyError("training finished without a local checkpoint (train.storage_path must be a "
                            "local or mounted path for nightly runs)")

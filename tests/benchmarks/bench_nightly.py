@@ -11,6 +11,7 @@ Ray: preprocessing the night's view, warm start, fine-tuning, evaluation of both
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--state", default="/tmp/bench-nightly")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     shared_cache = PROJECT_ROOT / ".state" / "cache" / "models"
     cache = [f"model.cache_dir={shared_cache}"] if shared_cache.is_dir() else []
     overrides = [f"state_dir={args.state}", *LIVE, *cache, *args.set]

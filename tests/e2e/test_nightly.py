@@ -5,14 +5,16 @@ Simulated logs arrive one day at a time. Day 1: pipelines/full.py --smoke-test -
 finishes without training again, the challenger (trained from v1, compared with v1 on day 2) is
 promoted and the old champion becomes `previous`; a further run is a no-op; the item first seen
 on day 2 has a token and is ranked by the served champion. Day 3 with an absurd learning rate:
-rejected, registered as `challenger`, the champion stays. Finally the cron line submits the night
-to the head as a Ray job, twice: the job reports the night as decided and the second trigger does
-nothing. One Ray session for everything (two cores are shared), tiny Llama, three training steps.
+rejected, registered as `challenger`, the champion stays. `nightly.py --smoke-test` runs as a Ray
+job. Finally the cron line submits the night to the head as a Ray job, twice: the job reports the
+night as decided and the second trigger does nothing. One Ray session for everything (two cores
+are shared), tiny Llama, three training steps.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -77,7 +79,7 @@ def head() -> Iterator[Head]:
     p = _free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-           "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+           "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_USAGE_DISABLED": "1"}
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(p[0]),
            "--dashboard-port", str(p[1]), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
            "--ray-client-server-port", str(p[2]), "--dashboard-agent-listen-port", str(p[3]),
@@ -88,8 +90,11 @@ def head() -> Iterator[Head]:
     log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     dashboard = f"http://127.0.0.1:{p[1]}"
-    previous_auth = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # This process is a driver too: no token auth, and no usage poller thread (it queries a
+    # Prometheus that is not there, from a daemon thread that outlives the tests).
+    driver_env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_USAGE_DISABLED": "1"}
+    saved = {key: os.environ.get(key) for key in driver_env}
+    os.environ.update(driver_env)
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -110,10 +115,11 @@ def head() -> Iterator[Head]:
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
-        if previous_auth is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = previous_auth
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass
@@ -236,6 +242,18 @@ def test_bad_challenger_is_not_promoted(world: World) -> None:
     assert v3 is not None and v3.tags["gems.nightly_decision"] == "rejected"
     assert v3.tags["gems.param.train.lr"] == "1.0" and "Rejected" in v3.description
     assert world.client.get_run(outcome.run_id).data.metrics["decision/promoted"] == 0.0
+
+
+def test_smoke_test_runs_as_a_ray_job(head: Head, tmp_path: Path) -> None:
+    """`pipelines/nightly.py --smoke-test` on its own state: day-1 champion, then night 2025-01-02."""
+    done = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard,
+         "--working-dir", str(PROJECT_ROOT), "--", "python", "pipelines/nightly.py", "--smoke-test",
+         "--set", f"state_dir={tmp_path}"],
+        env=head.env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "trained on day 1" in done.stdout
+    assert re.search(r"night 2025-01-02: v2 (promoted|rejected) against v1", done.stdout), done.stdout[-3000:]
 
 
 def test_cron_line_submits_the_night_once(world: World, head: Head, tmp_path: Path) -> None:
