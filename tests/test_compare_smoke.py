@@ -85,6 +85,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
         first = (out / "results.csv").read_text()
         assert main(args) == 0  # resumed: every (method, seed) already done, nothing retrained
         assert (out / "results.csv").read_text() == first
+        with pytest.raises(ValueError, match="another config"):  # other budget, same --out
+            main([*args, "--set", "train.max_steps=4"])
     finally:
         ray.shutdown()
     return root, out, uri
@@ -148,3 +150,16 @@ def test_mlflow_parent_with_one_child_per_llm_run_and_conflict_for_adamw_and_gem
         if child.data.tags["gems.compare_label"] in ("gems", "adamw"):
             steps = client.get_metric_history(child.info.run_id, "train/conflict_before_mean_rho")
             assert len(steps) >= 2, child.data.tags["gems.compare_label"]
+
+
+def test_an_output_directory_never_mixes_two_configs(tmp_path: Path) -> None:
+    from tune.compare import check_resumable
+
+    cfg = load_config("tiny")
+    check_resumable(tmp_path, cfg, resume=True)
+    check_resumable(tmp_path, cfg, resume=True)  # same config: resumable
+    other = load_config("tiny", ["eval.max_examples=4"])
+    with pytest.raises(ValueError, match="another config"):
+        check_resumable(tmp_path, other, resume=True)
+    check_resumable(tmp_path, other, resume=False)  # --no-resume starts over with the new key
+    check_resumable(tmp_path, other, resume=True)

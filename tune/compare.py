@@ -14,6 +14,8 @@ already in results.csv.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import shutil
@@ -81,6 +83,23 @@ def prepare_shards(cfg: Config) -> tuple[Path, dict[str, Any]]:
         pass
     ensure_ray(cfg)
     return shard_dir, run_preprocess(cfg)
+
+
+def study_key(cfg: Config) -> str:
+    """What results in one output directory must share (data, model, budget, evaluation)."""
+    payload = cfg.model_dump(mode="json", exclude={"mlflow", "tune", "nightly", "name"})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_resumable(out_dir: Path, cfg: Config, resume: bool) -> None:
+    """Refuse to mix results of different configs in one directory (a resumed study would
+    otherwise keep e.g. floors measured on other test rows); record the key of this study."""
+    path = out_dir / "study_key.txt"
+    key = study_key(cfg)
+    if resume and path.is_file() and path.read_text().strip() != key:
+        raise ValueError(f"{out_dir} holds results of another config (study key {path.read_text().strip()} "
+                         f"!= {key}); use another --out or --no-resume to start over")
+    path.write_text(key + "\n")
 
 
 def catalog(shard_dir: Path) -> tuple[pl.DataFrame, list[str]]:
@@ -210,6 +229,7 @@ def run_comparison(cfg: Config, specs: Sequence[MethodSpec], out_dir: Path, seed
     say = on_progress or log.info
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_resumable(out_dir, cfg, resume)
     shard_dir, manifest = prepare_shards(cfg)
     items, item_ids = catalog(shard_dir)
     test = subsample_per_task(read_split(shard_dir, "test"), cfg.eval.max_examples, cfg.data.seed)
