@@ -17,18 +17,18 @@ import copy
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 
 from gems.baselines import Method, build_method
-from gems.config import GEMSConfig, load_config
+from gems.config import Config, GEMSConfig, ModelConfig
 from gems.model import load_backbone
 from gems.nullspace import bases_for_run
 from gems.step import TaskBatch, task_ce_sum, train_step
@@ -135,23 +135,41 @@ QWEN_3B = {"hidden": 2048, "inter": 11008, "layers": 36, "vocab": 151936, "kv_di
 SMOLLM2 = {"hidden": 576, "inter": 1536, "layers": 30, "vocab": 49152, "kv_dim": 192, "tied": True}
 
 
+def project_config(model_name: str) -> Config:
+    """Default project config (state under .state/, as the demo) for ``model_name``."""
+    return Config(model=ModelConfig(name_or_path=model_name))
+
+
 def load(model_name: str):  # noqa: ANN201
-    cfg = load_config("demo")
-    mcfg = cfg.model.model_copy(update={"name_or_path": model_name})
-    return load_backbone(mcfg, cfg.resolve(cfg.model.cache_dir))
+    cfg = project_config(model_name)
+    return load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
 
 
 def rss_child(args: argparse.Namespace) -> None:
     """Subprocess: train ``--rss-of`` for a few steps, print peak RSS (MiB) as JSON."""
     model, tok = load(args.model)
     cfg = GEMSConfig(k=args.k, general_max_tokens=2048)
-    bases = bases_for_run(model, tok, cfg, Path(load_config("demo").resolve("cache/nullspace")))
+    bases = bases_for_run(model, tok, cfg, project_config(args.model).resolve("cache/nullspace"))
     method = make_method(args.rss_of, model, cfg, bases, t_svd=2)
     batches = batches_for(args.tokens, len(tok))
+    gc.collect()
+    process = psutil.Process()
+    before = process.memory_info().rss
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:  # the high-water mark of loading is not the optimizer's: sample training only
+        while not done.wait(0.02):
+            peak.append(process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for _ in range(2):  # a refresh step (full gradients kept), then a plain one
         train_step(method.model, method, batches, 1.0, measure_conflict=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mib": peak, "state_mib": tensor_bytes(method.optimizer.state) / 2**20}))
+    done.set()
+    sampler.join()
+    print(json.dumps({"rss_before_mib": before / 2**20, "peak_rss_mib": max(peak) / 2**20,
+                      "state_mib": tensor_bytes(method.optimizer.state) / 2**20}))
 
 
 def main() -> None:
@@ -176,7 +194,7 @@ def main() -> None:
     model, tok = load(args.model)
     cfg = GEMSConfig(k=args.k, general_max_tokens=2048)
     t0 = time.perf_counter()
-    bases = bases_for_run(model, tok, cfg, Path(load_config("demo").resolve("cache/nullspace")))
+    bases = bases_for_run(model, tok, cfg, project_config(args.model).resolve("cache/nullspace"))
     print(f"null-space bases: {time.perf_counter() - t0:.1f} s ({bases.describe()})")
     batches = batches_for(args.tokens, len(tok))
     rows: list[tuple[str, str]] = []
@@ -188,7 +206,9 @@ def main() -> None:
         m = copy.deepcopy(model)
         method = make_method(name, m, cfg, bases, t_svd=t_svd)
         warmup = max(1, args.warmup) if t_svd > 1 else args.warmup  # step 0 of a t_svd=200 run refreshes
+        t0 = time.perf_counter()
         figures[label] = method_loop(method, m, batches, args.steps, warmup)
+        print(f"  {label}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         state_mib[label] = tensor_bytes(method.optimizer.state) / 2**20
         del m, method
         gc.collect()
@@ -221,7 +241,8 @@ def main() -> None:
                    "--threads", str(args.threads), "--k", str(args.k), "--rss-of", name]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rss = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append((f"peak RSS {name} (2 steps, own process)", f"{rss['peak_rss_mib']:.0f} MiB"))
+            rows.append((f"peak RSS while training {name} (2 steps, own process; model loaded: "
+                         f"{rss['rss_before_mib']:.0f} MiB)", f"{rss['peak_rss_mib']:.0f} MiB"))
     width = max(len(k) for k, _ in rows)
     print(f"| {'figure'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
     for k, v in rows:
