@@ -178,3 +178,26 @@ def test_promotion_is_monotone(u0: float, p0: float, u1: float, p1: float, tol: 
     champion = ModelScores(u0, p0)
     if decide(champion, ModelScores(u1, p1), tol, rtol).promote:
         assert decide(champion, ModelScores(u1 + gain, p1 / (1 + gain)), tol, rtol).promote
+
+
+# ------------------------------------------------------------------------------ warm start
+
+
+def test_champion_params_from_version_tags_and_run_params() -> None:
+    from tune.warm_start import params_from_run, params_from_tags
+
+    tags = {"gems.param.gems.r_shared": "5", "gems.param.train.lr": "0.0002", "gems.param.gems.tau": "1e-1",
+            "gems.watermark": "2025-01-01", "gems.param.gems.alpha": "not a number"}
+    assert params_from_tags(tags) == {"gems.r_shared": 5, "train.lr": 0.0002, "gems.tau": 0.1}
+    run = {"best.gems.k": "16", "best.trial_id": "abc", "train.lr": "0.001", "seed": "3"}
+    assert params_from_run(run) == {"train.lr": 0.001, "gems.k": 16}
+
+
+def test_params_that_are_not_fields_are_skipped() -> None:
+    from gems.config import load_config
+    from tune.warm_start import with_params
+
+    cfg = with_params(load_config("tiny"), {"gems.r_shared": 6, "train.lr": 0.5, "gems.removed_field": 1.0,
+                                            "gems.tau": -1.0})
+    assert cfg.gems.r_shared == 6 and cfg.train.lr == 0.5
+    assert cfg.gems.tau == load_config("tiny").gems.tau  # invalid value: the config's own is kept
