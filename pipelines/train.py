@@ -50,6 +50,16 @@ def shards_ready(cfg: Config) -> Path:
     return shard_dir
 
 
+def bases_in_task(cfg: Config) -> Path | None:
+    """Null-space bases built (or found in the cache) by a one-shot Ray task, so the driver never
+    holds a backbone copy while the workers train (on a cluster it is the head node)."""
+    if cfg.gems.method != "gems" or (cfg.gems.k == 0 and cfg.gems.energy is None):
+        return None
+    task = ray.remote(max_calls=1, num_cpus=cfg.train.cpus_per_worker,
+                      num_gpus=1 if cfg.train.use_gpu else 0)(prepare_bases)
+    return ray.get(task.remote(cfg))
+
+
 def summary(outcome: TrainOutcome) -> dict[str, object]:
     return {"checkpoint": str(outcome.checkpoint_path), "run_path": outcome.run_path,
             "precision": outcome.precision.get("precision"),
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True,
              log_to_driver=False)
     shard_dir = shards_ready(cfg)
-    outcome = run_training(cfg, shard_dir, prepare_bases(cfg), run_name=args.run_name,
+    outcome = run_training(cfg, shard_dir, bases_in_task(cfg), run_name=args.run_name,
                            resume_from=args.resume)
     print(json.dumps(summary(outcome), indent=2))
     print(f"checkpoint: {outcome.checkpoint_path}")
