@@ -198,9 +198,11 @@ def run_sweep(cfg: Config, inputs: SweepInputs, name: str, callbacks: Sequence[r
                                            {"cpu": 0, "memory": TRIAL_MEMORY_BYTES})
     restored = cfg.tune.resume and ray.tune.Tuner.can_restore(path)
     if restored:
+        # Errored trials resume too (from their last checkpoint): a crash (lost node, killed
+        # job) errors the running trial, and an invalid point just fails again in seconds.
         log.info("resuming sweep %s (finished trials are kept)", path)
         tuner = ray.tune.Tuner.restore(path, trainable=trainable_fn, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
+                                       resume_errored=True, restart_errored=False)
     else:
         limit = max_concurrent_trials(cfg)
         log.info("sweep %s: %d trials, %d at a time", name, cfg.tune.num_samples, limit)
@@ -215,7 +217,9 @@ def run_sweep(cfg: Config, inputs: SweepInputs, name: str, callbacks: Sequence[r
                 name=name, storage_path=root, callbacks=list(callbacks),
                 failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False)))
     results = tuner.fit()
-    ended = results.num_terminated + results.num_errors
+    # A trial ended when it errored or its last result says done (finished or stopped by ASHA);
+    # on Ctrl-C Tune returns normally and marks running/pending trials terminated without that.
+    ended = results.num_errors + sum(1 for r in results if r.error is None and (r.metrics or {}).get("done"))
     if ended < cfg.tune.num_samples:
         raise SweepInterrupted(f"sweep {name} stopped after {ended} of {cfg.tune.num_samples} trials; "
                                "run the same command again to resume it (finished trials are kept)")

@@ -142,8 +142,9 @@ class MlflowTrialRuns(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         last = trial.last_result or {}
-        self._finish(trial, RunStatus.to_string(RunStatus.FINISHED),
-                     {f"{TAG_PREFIX}trial_status": "TERMINATED",
+        ended = bool(last.get("done"))  # False: stopped by an interrupt, resumed by a re-run
+        self._finish(trial, RunStatus.to_string(RunStatus.FINISHED if ended else RunStatus.KILLED),
+                     {f"{TAG_PREFIX}trial_status": "TERMINATED" if ended else "INTERRUPTED",
                       f"{TAG_PREFIX}last_step": str(result_step(last)) if last else "none"})
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
