@@ -58,6 +58,9 @@ class DataConfig(_Section):
                              "sequence building (polars inside map_batches).")
     amazon_search_share: float = Field(0.5, ge=0, le=1, description="Share of Amazon interactions "
                                        "turned into search events (query from category + title).")
+    amazon_query_title_words: int = Field(2, ge=0, le=5, description="Title words added to an Amazon "
+                                          "query after its leaf category; 0 = category-only queries, "
+                                          "where only the user's history tells items of a category apart.")
     now_ts: int | None = Field(None, ge=0, description="Reference 'now' (unix s) for the "
                                "ts_in_future check; None = wall clock at the start of the run. Set "
                                "it to re-run old logs reproducibly.")
@@ -110,8 +113,8 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _path_exists(self) -> ModelConfig:
-        if self.name_or_path not in ("smollm2-135m", "tiny-llama"):
-            if not Path(self.name_or_path).expanduser().is_dir():
+        if (self.name_or_path not in ("smollm2-135m", "tiny-llama")
+                and not Path(self.name_or_path).expanduser().is_dir()):
                 raise ValueError(f"model.name_or_path: {self.name_or_path!r} is neither "
                                  "'smollm2-135m', 'tiny-llama' nor an existing model directory")
         return self

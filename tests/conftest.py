@@ -5,8 +5,11 @@ Two cores are shared by every test process, so torch is held to at most two thre
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -38,6 +41,23 @@ TINY_ITEMS: list[tuple[str, str]] = [
     ("19", "Travel backpack"),
     ("20", "Dog food"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_globals() -> Iterator[None]:
+    """MLflow keeps the tracking URI (and exports it to the environment) per process: a test that
+    points it somewhere must not decide where the next test's runs go."""
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    uri = mlflow.get_tracking_uri()
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from gems.baselines import Method, build_method
 from gems.checkpoint import (
     OPTIMIZER_FILE,
     CheckpointError,
@@ -19,7 +20,6 @@ from gems.checkpoint import (
     read_trainer_state,
     save_training_checkpoint,
 )
-from gems.baselines import Method, build_method
 from gems.config import GEMSConfig, ModelConfig
 from gems.model import add_item_tokens, load_backbone
 from gems.schedule import build_lr_schedule

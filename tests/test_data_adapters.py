@@ -92,6 +92,8 @@ def test_amazon_adapter_rule_and_share() -> None:
     assert build_query("VTECH CS6114 DECT 6.0 Cordless Phone, White/Grey, 1 Handset",
                        "Office Electronics, Telephones & Accessories, Cordless Telephones",
                        "VTech") == "cordless telephones dect phone"
+    assert build_query("VTECH CS6114 DECT 6.0 Cordless Phone", "Office Electronics, Cordless Telephones",
+                       "VTech", title_words=0) == "cordless telephones"
     search = out.events.filter(pl.col("task") == "search")
     assert search.group_by("item_id").agg(pl.col("query").n_unique())["query"].max() == 1  # per item
     leaf_words = search.join(out.items, on="item_id").select(
@@ -101,6 +103,9 @@ def test_amazon_adapter_rule_and_share() -> None:
     again = convert_amazon(AMAZON.parent, search_share=0.5, seed=0)
     assert again.events.equals(out.events)
     assert convert_amazon(AMAZON.parent, search_share=0.0, seed=0).stats["search_events"] == 0
+    category_only = convert_amazon(AMAZON.parent, search_share=0.5, seed=0, query_title_words=0).events
+    assert category_only["task"].equals(out.events["task"])  # same events, shorter queries
+    assert category_only["query"].n_unique() < out.events["query"].n_unique()
 
 
 @needs_amazon

@@ -124,6 +124,18 @@ def test_unreachable_server_fails_setup_before_anything_is_written(cfg: Config) 
     assert not cfg.state_path.exists()
 
 
+def test_a_later_config_is_not_pinned_to_an_earlier_store(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI; that export is not the user's choice."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = load_config("tiny", [f"state_dir={tmp_path / 'a'}"])
+    second = load_config("tiny", [f"state_dir={tmp_path / 'b'}"])
+    setup_tracking(first)
+    assert resolve_tracking_uri(second) == f"sqlite:///{second.state_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'user.db'}")
+    assert resolve_tracking_uri(second) == f"sqlite:///{tmp_path / 'user.db'}"  # a user's export wins
+
+
 @pytest.mark.slow
 def test_experiment_artifacts_stay_under_the_state_dir(tracked: tuple[Config, str]) -> None:
     cfg, experiment_id = tracked

@@ -9,20 +9,28 @@ directly: perplexity of each on held-out general text, and KL(champion || challe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+import ray
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gems.config import Config, ModelConfig
+from gems.data.shards import read_items, read_split
 from gems.evaluate import EvalResult, ScoreBatch, evaluate_scorer, model_scorer, subsample_per_task
 from gems.items import item_token
 from gems.metrics import flatten_metrics
 from gems.model import item_token_ids, load_backbone
 from gems.retention import measure_retention
+from tune.decision import ModelScores
+from tune.night_record import UNIFIED
+from tune.registry import servable_model_dir
+from tune.warm_start import WarmStart
 
 
 @dataclass
@@ -113,3 +121,46 @@ def new_item_stats(top_k: pl.DataFrame | None, examples: pl.DataFrame,
         hits = [any(i in new_items for i in row) for row in top_k["top_item_ids"].to_list()]
         stats["challenger/new_item_in_top_k_share"] = sum(hits) / len(hits)
     return stats
+
+
+def evaluate_night(champion_dir: str, challenger_dir: str, shard_dir: str, champion_items: str,
+                   cfg_json: dict[str, Any]) -> dict[str, float]:
+    """Both models on the holdout (+ retention); a plain dict so it can run as a Ray GPU task."""
+    cfg = Config.model_validate(cfg_json)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cache = cfg.resolve(cfg.model.cache_dir)
+    items = read_items(shard_dir).sort("item_id")
+    item_ids = items["item_id"].to_list()
+    examples = holdout_examples(read_split(shard_dir, "test"), cfg)
+    known_before = set(pl.read_parquet(champion_items, columns=["item_id"])["item_id"].cast(pl.String))
+    new_items = set(item_ids) - known_before
+
+    champion, champion_tokenizer = load_ranking_model(Path(champion_dir), cache)
+    challenger, tokenizer = load_ranking_model(Path(challenger_dir), cache)
+    champion.to(device)
+    challenger.to(device)
+    metrics: dict[str, float] = {}
+    champ = evaluate_on_holdout(champion, champion_tokenizer, examples, item_ids, cfg)
+    chall = evaluate_on_holdout(challenger, tokenizer, examples, item_ids, cfg, top_k=cfg.mlflow.top_k)
+    metrics.update(champ.metrics("champion/test/"))
+    metrics.update(chall.metrics("challenger/test/"))
+    metrics.update(new_item_stats(chall.result.top_k, examples, new_items))
+    if cfg.eval.retention:
+        metrics.update(compare_retention(champion, challenger, tokenizer, cfg).metrics)
+    return metrics
+
+
+def run_evaluation(cfg: Config, warm: WarmStart, checkpoint: Path, shard_dir: Path) -> dict[str, float]:
+    """evaluate_night here on CPU clusters; on a GPU worker when training uses GPUs."""
+    args = (str(warm.model_dir), str(servable_model_dir(checkpoint)), str(shard_dir), str(warm.items_path),
+            cfg.model_dump(mode="json"))
+    if cfg.train.use_gpu:  # two copies of a 3B model: evaluate on a GPU worker, not the head
+        task = ray.remote(num_gpus=1, num_cpus=cfg.train.cpus_per_worker)(evaluate_night)
+        return ray.get(task.remote(*args))
+    return evaluate_night(*args)
+
+
+def scores_of(metrics: Mapping[str, float], who: str) -> ModelScores:
+    return ModelScores(unified=float(metrics.get(f"{who}/{UNIFIED}", math.nan)),
+                       perplexity=metrics.get(f"{who}/retention/ppl"),
+                       metrics={k: v for k, v in metrics.items() if k.startswith(f"{who}/")})

@@ -10,7 +10,12 @@ and crash-safe:
 - the ``champion`` alias moves only at the end (``previous`` first, then ``champion``), and the
   decision tag is written after it: until then the night is unfinished and the next run
   completes it; once written, any later run for the same logs says "already decided";
-- with no partition newer than the champion's watermark the job does nothing and says so.
+- with no partition newer than the champion's watermark the job does nothing and says so, and a
+  lock file per night makes a concurrent second run of the same night a no-op.
+
+Modules: tune.watermark (which days), tune.night_view (what is read), tune.warm_start (from the
+champion), tune.night_eval (both models on the holdout), tune.decision (the rule),
+tune.night_record (the journal and the registered version).
 
 Crash injection for tests: ``GEMS_NIGHTLY_CRASH_AT=<point>`` raises at that point.
 """
@@ -28,56 +33,41 @@ from pathlib import Path
 from typing import Any, Literal
 
 import mlflow
-import polars as pl
-import ray
 from filelock import FileLock, Timeout
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from gems.config import Config, config_from_dict
-from gems.data.shards import read_items, read_manifest, read_split
+from gems.data.shards import read_manifest
 from pipelines.stages.preprocess import run_preprocess
-from tune.decision import Decision, ModelScores, decide
-from tune.night_eval import (
-    compare_retention,
-    evaluate_on_holdout,
-    holdout_examples,
-    load_ranking_model,
-    new_item_stats,
+from tune.decision import decide
+from tune.night_eval import run_evaluation, scores_of
+from tune.night_record import (
+    ATTEMPTS,
+    CHAMPION_AT_START,
+    CHECKPOINT,
+    DECISION,
+    EVALUATED,
+    KEY_TAG,
+    TRAINED_IN,
+    VERSION,
+    T,
+    describe_night,
+    find_night_run,
+    params_from_run_data,
+    register_once,
+    version_tags,
 )
 from tune.night_view import build_view
-from tune.registry import (
-    CHALLENGER,
-    VersionInfo,
-    find_versions,
-    get_champion,
-    log_ranker,
-    metric_tags,
-    promote,
-    register_version,
-    set_alias,
-)
+from tune.registry import CHALLENGER, VersionInfo, get_champion, promote, set_alias
 from tune.tracking import TAG_PREFIX, resolve_tracking_uri, run_tags, setup_tracking
-from tune.warm_start import (
-    PARAM_TAG_PREFIX,
-    WarmStart,
-    champion_params,
-    fetch_champion,
-    params_from_run,
-    with_params,
-)
+from tune.warm_start import WarmStart, champion_params, fetch_champion, with_params
 from tune.watermark import NightlyError, NightPlan, list_partitions, parse_watermark, plan_night
 
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "GEMS_NIGHTLY_CRASH_AT"
 CRASH_POINTS = ("after_preprocess", "after_train", "after_evaluate", "after_register", "before_promote")
-KEY_TAG = f"{TAG_PREFIX}nightly_key"
-T = f"{TAG_PREFIX}nightly."  # the night's journal tags
-CHAMPION_AT_START, ATTEMPTS, TRAINED_IN = f"{T}champion_version", f"{T}attempts", f"{T}trained_in_attempt"
-CHECKPOINT, MODEL_URI, VERSION, DECISION = f"{T}checkpoint", f"{T}model_uri", f"{T}version", f"{T}decision"
-EVALUATED = f"{T}evaluated"
-UNIFIED = "test/unified"
 Status = Literal["no_new_data", "already_decided", "in_progress", "promoted", "rejected"]
 
 
@@ -224,114 +214,12 @@ def _log_history(history: list[dict]) -> None:
             mlflow.log_metrics(values, step=step)
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-def evaluate_night(champion_dir: str, challenger_dir: str, shard_dir: str, champion_items: str,
-                   cfg_json: dict[str, Any]) -> dict[str, float]:
-    """Both models on the holdout (+ retention); a plain dict so it can run as a Ray GPU task."""
-    import torch
-
-    cfg = Config.model_validate(cfg_json)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cache = cfg.resolve(cfg.model.cache_dir)
-    items = read_items(shard_dir).sort("item_id")
-    item_ids = items["item_id"].to_list()
-    examples = holdout_examples(read_split(shard_dir, "test"), cfg)
-    known_before = set(pl.read_parquet(champion_items, columns=["item_id"])["item_id"].cast(pl.String))
-    new_items = set(item_ids) - known_before
-
-    champion, champion_tokenizer = load_ranking_model(Path(champion_dir), cache)
-    challenger, tokenizer = load_ranking_model(Path(challenger_dir), cache)
-    champion.to(device)
-    challenger.to(device)
-    metrics: dict[str, float] = {}
-    champ = evaluate_on_holdout(champion, champion_tokenizer, examples, item_ids, cfg)
-    chall = evaluate_on_holdout(challenger, tokenizer, examples, item_ids, cfg, top_k=cfg.mlflow.top_k)
-    metrics.update(champ.metrics("champion/test/"))
-    metrics.update(chall.metrics("challenger/test/"))
-    metrics.update(new_item_stats(chall.result.top_k, examples, new_items))
-    if cfg.eval.retention:
-        metrics.update(compare_retention(champion, challenger, tokenizer, cfg).metrics)
-    return metrics
-
-
-def run_evaluation(cfg: Config, warm: WarmStart, checkpoint: Path, shard_dir: Path) -> dict[str, float]:
-    from tune.registry import servable_model_dir
-
-    args = (str(warm.model_dir), str(servable_model_dir(checkpoint)), str(shard_dir), str(warm.items_path),
-            cfg.model_dump(mode="json"))
-    if cfg.train.use_gpu:  # two copies of a 3B model: evaluate on a GPU worker, not the head
-        task = ray.remote(num_gpus=1, num_cpus=cfg.train.cpus_per_worker)(evaluate_night)
-        return ray.get(task.remote(*args))
-    return evaluate_night(*args)
-
-
-def scores_of(metrics: Mapping[str, float], who: str) -> ModelScores:
-    return ModelScores(unified=float(metrics.get(f"{who}/{UNIFIED}", math.nan)),
-                       perplexity=metrics.get(f"{who}/retention/ppl"),
-                       metrics={k: v for k, v in metrics.items() if k.startswith(f"{who}/")})
-
-
-# --------------------------------------------------------------------------------- record
-
-
-def find_night_run(experiment_id: str, key: str) -> Run | None:
-    runs = MlflowClient().search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'",
-                                      max_results=1, order_by=["attributes.start_time DESC"])
-    return runs[0] if runs else None
-
-
 def _decided(run: Run, key: str) -> NightlyOutcome:
     tags = run.data.tags
     return NightlyOutcome(
         status="already_decided", night=key, run_id=run.info.run_id,
         message=f"night {key} was already decided ({tags[DECISION]}, version {tags.get(VERSION)}); "
                 "nothing to do", challenger=tags.get(VERSION), metrics=dict(run.data.metrics))
-
-
-def _version_tags(cfg: Config, manifest: Mapping[str, Any], plan: NightPlan, run_id: str, parent: VersionInfo,
-                  params: Mapping[str, float | int], metrics: Mapping[str, float]) -> dict[str, str]:
-    challenger = {k[len("challenger/"):]: v for k, v in metrics.items() if k.startswith("challenger/test/")}
-    tags = {**run_tags(cfg, manifest), KEY_TAG: plan.key, f"{T}run_id": run_id,
-            f"{TAG_PREFIX}parent_version": parent.version,
-            f"{TAG_PREFIX}eval_protocol": f"time cut: trained on <= {plan.training_days[-1]}, "
-                                          f"tested on {plan.holdout_day}",
-            **{f"{PARAM_TAG_PREFIX}{k}": str(v) for k, v in params.items()},
-            **metric_tags({k[len("test/"):]: v for k, v in challenger.items()})}
-    return tags
-
-
-def _register(cfg: Config, run: Run, checkpoint: Path, shard_dir: Path, tcfg: Config,
-              tags: Mapping[str, str], description: str) -> VersionInfo:
-    """Tonight's version, registered once (found again by run id after a crash)."""
-    name = cfg.mlflow.registered_model
-    client = MlflowClient()
-    known = find_versions(name, f"{T}run_id", run.info.run_id)
-    if known:
-        return known[-1]
-    model_uri = run.data.tags.get(MODEL_URI)
-    if model_uri is None:
-        model_uri = log_ranker(checkpoint, shard_dir / "items.parquet", tcfg).model_uri
-        client.set_tag(run.info.run_id, MODEL_URI, model_uri)
-    return register_version(model_uri, name, tags, description, alias=None)
-
-
-def _description(parent: VersionInfo, plan: NightPlan, metrics: Mapping[str, float],
-                 decision: Decision | None) -> str:
-    head = (f"Nightly {plan.key}: v{parent.version} fine-tuned on {list(plan.training_days)}, evaluated with "
-            f"the champion on holdout day {plan.holdout_day}: unified "
-            f"{metrics.get('challenger/' + UNIFIED, math.nan):.4f} vs champion "
-            f"{metrics.get('champion/' + UNIFIED, math.nan):.4f}.")
-    if decision is None:
-        return head + " Decision pending."
-    return f"{head} {decision.verdict.capitalize()}: " + "; ".join(decision.reasons) + "."
-
-
-def params_from_run_data(run: Run) -> dict[str, float | int]:
-    """Params logged by an earlier attempt of the same night (``param.<field>``)."""
-    logged = run.data.params
-    return params_from_run({k[len("param."):]: v for k, v in logged.items() if k.startswith("param.")})
 
 
 # ----------------------------------------------------------------------------------- main
@@ -436,9 +324,9 @@ def _run_night(cfg: Config, experiment_id: str, partitions: list[str], events_ro
         crash_point("after_evaluate")
 
         champion_scores, challenger_scores = scores_of(metrics, "champion"), scores_of(metrics, "challenger")
-        version = _register(cfg, client.get_run(active.info.run_id), checkpoint, shard_dir, tcfg,
-                            _version_tags(cfg, manifest, plan, active.info.run_id, parent, used, metrics),
-                            _description(parent, plan, metrics, None))
+        version = register_once(cfg, client.get_run(active.info.run_id), checkpoint, shard_dir, tcfg,
+                            version_tags(cfg, manifest, plan, active.info.run_id, parent, used, metrics),
+                            describe_night(parent, plan, metrics, None))
         mlflow.set_tag(VERSION, version.version)
         crash_point("after_register")
 
@@ -456,7 +344,7 @@ def _run_night(cfg: Config, experiment_id: str, partitions: list[str], events_ro
             set_alias(name, CHALLENGER, version.version)
         client.set_model_version_tag(name, version.version, f"{TAG_PREFIX}nightly_decision", decision.verdict)
         client.update_model_version(name, version.version,
-                                    description=_description(parent, plan, metrics, decision))
+                                    description=describe_night(parent, plan, metrics, decision))
         wall = time.perf_counter() - started
         mlflow.log_metric("nightly/wall_s", wall)
         mlflow.set_tag(DECISION, decision.verdict)  # the night's commit marker: written last

@@ -31,9 +31,19 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used; raised before any training starts."""
 
 
+# mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI (for child processes); the value we
+# set ourselves is not the user's choice and must not pin a later config to an earlier store.
+_uri_we_exported: str | None = None
+
+
+def _user_env_uri() -> str | None:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    return None if env == _uri_we_exported else env
+
+
 def resolve_tracking_uri(cfg: Config) -> str:
     """cfg.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<abs state_dir>/mlflow.db."""
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    uri = cfg.mlflow.tracking_uri or _user_env_uri() or ""
     if not uri.strip():
         return f"sqlite:///{cfg.state_path / 'mlflow.db'}"
     uri = uri.strip()
@@ -70,9 +80,13 @@ def setup_tracking(cfg: Config) -> str:
     With a local store the experiment's artifact root is pinned under the state dir too (MLflow's
     default, ./mlartifacts, is relative to the current directory, i.e. Ray's working_dir).
     """
+    global _uri_we_exported
+    user_uri = _user_env_uri()
     uri = resolve_tracking_uri(cfg)
     check_tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
+    if uri != user_uri and os.environ.get("MLFLOW_TRACKING_URI") == uri:
+        _uri_we_exported = uri
     mlflow.set_registry_uri(uri)
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)

@@ -11,10 +11,12 @@ exactly how (all deterministic):
   search event when ``blake2b(f"{seed}:{user}:{k}")`` / 2**64 < ``search_share``
   (``data.amazon_search_share``), else a rec event. Its query is built from the clicked item:
   the words of the *leaf* of the category path (the last ``", "``-separated part), followed by the
-  first two title words that are alphabetic, >= 3 letters, not a stop word, not a brand word and
+  first ``data.amazon_query_title_words`` (default two) title words that are alphabetic, >= 3 letters, not a stop word, not a brand word and
   not already in the query; all lower-case. Example: "VTECH CS6114 DECT 6.0 Cordless Phone" in
   "..., Cordless Telephones" by VTech -> "cordless telephones dect phone". An interaction picked
-  for search whose item yields no query words stays a rec event (counted).
+  for search whose item yields no query words stays a rec event (counted). With title words the
+  query nearly names the item (BM25 finds it almost always); with 0 it names only the category,
+  and telling the category's items apart takes the user's history: personalized search.
 - titles are HTML-unescaped; an item without a title gets its leaf category as title (counted).
 All interactions are clicks (``clicked=true``); there are no impressions in this data.
 """
@@ -50,13 +52,13 @@ def leaf_category(path: str) -> str:
     return parts[-1] if parts else ""
 
 
-def build_query(title: str, category_path: str, brand: str) -> str:
+def build_query(title: str, category_path: str, brand: str, title_words: int = QUERY_TITLE_WORDS) -> str:
     """The Amazon search query for an item (rule in the module docstring)."""
     query = _words(leaf_category(category_path))
     brand_words = set(_words(brand))
     added = 0
     for word in _words(title):
-        if added == QUERY_TITLE_WORDS:
+        if added == title_words:
             break
         if (word.isalpha() and len(word) >= 3 and word not in STOPWORDS and word not in brand_words
                 and word not in query):
@@ -78,7 +80,8 @@ def _one(root: Path, pattern: str) -> Path:
     return found[0]
 
 
-def convert_amazon(root: str | Path, search_share: float, seed: int) -> AdapterOutput:
+def convert_amazon(root: str | Path, search_share: float, seed: int,
+                   query_title_words: int = QUERY_TITLE_WORDS) -> AdapterOutput:
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"Amazon input directory does not exist: {root}")
@@ -101,7 +104,7 @@ def convert_amazon(root: str | Path, search_share: float, seed: int) -> AdapterO
         items.append({"item_id": str(item_id), "title": title or None,
                       "text": html.unescape(str(info.get("description") or "")).strip() or None,
                       "category": category.replace(", ", " > ") or None})
-        queries[str(item_id)] = build_query(title, category, brand)
+        queries[str(item_id)] = build_query(title, category, brand, query_title_words)
     rows: dict[str, list] = {"user_id": [], "ts": [], "task": [], "query": [], "item_id": [],
                              "origin": []}
     kept_rec = 0
@@ -122,7 +125,7 @@ def convert_amazon(root: str | Path, search_share: float, seed: int) -> AdapterO
                                         "query": pl.String, "item_id": pl.String, "origin": pl.String})
     n_search = int((events["task"] == "search").sum()) if events.height else 0
     stats = {"interactions": events.height, "search_events": n_search,
-             "search_share_target": search_share,
+             "search_share_target": search_share, "query_title_words": query_title_words,
              "search_share_actual": n_search / events.height if events.height else 0.0,
              "search_without_query_words_kept_as_rec": kept_rec, "items_titled_from_category": untitled,
              "timestamps": "synthesised: 2020-01-01 + k days for a user's k-th interaction"}

@@ -97,7 +97,8 @@ def _resolve_sources(cfg: Config, work_dir: Path) -> tuple[Path, Path, dict[str,
             raise InputError(f"data.items_path does not exist: {items}")
         return path, items, {}
     converted = (convert_qilin(path) if d.source == "qilin"
-                 else convert_amazon(path, d.amazon_search_share, d.seed))
+                 else convert_amazon(path, d.amazon_search_share, d.seed,
+                                d.amazon_query_title_words))
     events, items = _write_adapter_output(converted, work_dir)
     return events, items, {d.source: converted.stats}
 

@@ -72,14 +72,23 @@ class Head:
     env: dict[str, str]
 
 
-@pytest.fixture(scope="module")
-def head() -> Iterator[Head]:
-    """A private `ray start --head --block` (own ports, own temp dir, token auth off), stopped by
-    killing its own process group: never `ray stop`, which would stop other sessions' clusters."""
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop the processes this test started (its own process group), and only those."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _start_head(env: dict[str, str]) -> tuple[subprocess.Popen, Head, int]:
+    """`ray start --head --block` on free ports and its own temp dir; waits for the job server."""
     p = _free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-           "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_USAGE_DISABLED": "1"}
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(p[0]),
            "--dashboard-port", str(p[1]), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
            "--ray-client-server-port", str(p[2]), "--dashboard-agent-listen-port", str(p[3]),
@@ -87,34 +96,44 @@ def head() -> Iterator[Head]:
            "--metrics-export-port", str(p[6]), "--node-manager-port", str(p[7]),
            "--object-manager-port", str(p[8]), "--min-worker-port", "23000", "--max-worker-port", "23999",
            "--temp-dir", temp_dir]
-    log = open(Path(temp_dir) / "head.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = Path(temp_dir) / "head.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     dashboard = f"http://127.0.0.1:{p[1]}"
+    deadline = time.monotonic() + 300
+    while True:
+        probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", dashboard], env=env,
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            return proc, Head(gcs=f"127.0.0.1:{p[0]}", dashboard=dashboard, env=env), p[0]
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop_group(proc)
+            raise RuntimeError("ray head did not come up: " + log_path.read_text()[-3000:])
+        time.sleep(3)
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[Head]:
+    """A private Ray head (own ports, own temp dir, token auth off), stopped by killing its own
+    process group: never `ray stop`, which would stop other sessions' clusters. A start that times
+    out on a loaded machine (GCS startup) is retried once."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_USAGE_DISABLED": "1"}
+    try:
+        proc, head, port = _start_head(env)
+    except RuntimeError:
+        proc, head, port = _start_head(env)
     # This process is a driver too: no token auth, and no usage poller thread (it queries a
     # Prometheus that is not there, from a daemon thread that outlives the tests).
     driver_env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_USAGE_DISABLED": "1"}
     saved = {key: os.environ.get(key) for key in driver_env}
     os.environ.update(driver_env)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", dashboard], env=env,
-                                   capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
-            assert proc.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "ray head did not come up: " + probe.stderr[-2000:]
-            time.sleep(3)
-        ray.init(address=f"127.0.0.1:{p[0]}", log_to_driver=False)
-        yield Head(gcs=f"127.0.0.1:{p[0]}", dashboard=dashboard, env=env)
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+        yield head
     finally:
         ray.shutdown()
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        _stop_group(proc)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
