@@ -1,7 +1,7 @@
 """The quality study: every method on the same splits, budget and seeds, measured the same way.
 
-For each LLM method (and ablation variant) and seed: Ray Train fine-tunes it (``tune.trainer``
-through ``tune.compare_loop``), the final checkpoint is loaded back on the driver, ranked on TEST
+For each LLM method (and ablation variant) and seed: Ray Train fine-tunes it (``tune.trainer``,
+the same loop as the sweep), the final checkpoint is loaded back on the driver, ranked on TEST
 under both protocols (full catalog, sampled negatives) with ``gems.evaluate``, and compared with
 the untouched base model on general-domain text (``gems.retention``). The floors (popularity,
 BM25) are scored on the same test rows by the same evaluator. Each run is a nested MLflow child
@@ -41,9 +41,9 @@ from gems.model import add_item_tokens, item_token_ids, load_backbone
 from gems.nullspace import bases_for_run, save_bases
 from gems.retention import retention_with_config
 from tune import compare_results as res
-from tune.compare_loop import train
 from tune.compare_methods import MethodSpec
 from tune.tracking import log_run_context, parent_run, run_tags, setup_tracking
+from tune.trainer import run_training
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _run_llm(cfg: Config, spec: MethodSpec, seed: int, shard_dir: Path, test: pl
     started = time.perf_counter()
     bases_path = bases_file(run_cfg, base_model, base_tokenizer)
     run_name = f"{cfg.name}-compare-{res.safe_name(spec.label)}-s{seed}-{uuid.uuid4().hex[:6]}"
-    outcome = train(run_cfg, shard_dir, bases_path, run_name)
+    outcome = run_training(run_cfg, shard_dir, bases_path, run_name)
     train_s = time.perf_counter() - started
     if outcome.checkpoint_path is None:
         raise RuntimeError(f"{spec.label} seed {seed}: training produced no local checkpoint")
