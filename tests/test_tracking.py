@@ -126,14 +126,20 @@ def test_unreachable_server_fails_setup_before_anything_is_written(cfg: Config) 
 
 def test_a_later_config_is_not_pinned_to_an_earlier_store(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI; that export is not the user's choice."""
+    """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI; such an export is not the user's choice,
+    even when something later puts an older export back into the environment."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    first = load_config("tiny", [f"state_dir={tmp_path / 'a'}"])
+    explicit = f"sqlite:///{tmp_path / 'explicit.db'}"
+    first = load_config("tiny", [f"state_dir={tmp_path / 'a'}", f"mlflow.tracking_uri={explicit}"])
     second = load_config("tiny", [f"state_dir={tmp_path / 'b'}"])
+    third = load_config("tiny", [f"state_dir={tmp_path / 'c'}"])
     setup_tracking(first)
-    assert resolve_tracking_uri(second) == f"sqlite:///{second.state_path / 'mlflow.db'}"
+    setup_tracking(second)
+    assert mlflow.get_tracking_uri() == f"sqlite:///{second.state_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", explicit)  # an older export restored
+    assert resolve_tracking_uri(third) == f"sqlite:///{third.state_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'user.db'}")
-    assert resolve_tracking_uri(second) == f"sqlite:///{tmp_path / 'user.db'}"  # a user's export wins
+    assert resolve_tracking_uri(third) == f"sqlite:///{tmp_path / 'user.db'}"  # a user's export wins
 
 
 @pytest.mark.slow

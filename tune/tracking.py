@@ -31,14 +31,14 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used; raised before any training starts."""
 
 
-# mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI (for child processes); the value we
-# set ourselves is not the user's choice and must not pin a later config to an earlier store.
-_uri_we_exported: str | None = None
+# mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI (for child processes); a value this
+# process exported itself is not the user's choice and must not pin a later config to that store.
+_uris_we_exported: set[str] = set()
 
 
 def _user_env_uri() -> str | None:
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    return None if env == _uri_we_exported else env
+    return None if env in _uris_we_exported else env
 
 
 def resolve_tracking_uri(cfg: Config) -> str:
@@ -80,13 +80,12 @@ def setup_tracking(cfg: Config) -> str:
     With a local store the experiment's artifact root is pinned under the state dir too (MLflow's
     default, ./mlartifacts, is relative to the current directory, i.e. Ray's working_dir).
     """
-    global _uri_we_exported
     user_uri = _user_env_uri()
     uri = resolve_tracking_uri(cfg)
     check_tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     if uri != user_uri and os.environ.get("MLFLOW_TRACKING_URI") == uri:
-        _uri_we_exported = uri
+        _uris_we_exported.add(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
