@@ -233,10 +233,13 @@ def run_comparison(cfg: Config, specs: Sequence[MethodSpec], out_dir: Path, seed
     shard_dir, manifest = prepare_shards(cfg)
     items, item_ids = catalog(shard_dir)
     test = subsample_per_task(read_split(shard_dir, "test"), cfg.eval.max_examples, cfg.data.seed)
-    order = [s.label for s in specs]
-    rows = [r for r in res.read_rows(out_dir / "results.csv") if r.method in order] if resume else []
-    timings = [t for t in res.read_timings(out_dir / "timings.csv") if t.method in order] if resume else []
-    histories = {k: v for k, v in res.read_histories(out_dir).items() if k[0] in order} if resume else {}
+    # A resumed directory keeps every method already in it (an ablation added by a second command
+    # must not drop the first command's results); earlier methods are listed first.
+    rows = res.read_rows(out_dir / "results.csv") if resume else []
+    timings = res.read_timings(out_dir / "timings.csv") if resume else []
+    histories = res.read_histories(out_dir) if resume else {}
+    labels = [s.label for s in specs]
+    order = list(dict.fromkeys([*(r.method for r in rows), *labels]))
     done = {(r.method, r.seed) for r in rows}
     header = _study_header(cfg, command, manifest, test, seeds)
 
@@ -248,11 +251,11 @@ def run_comparison(cfg: Config, specs: Sequence[MethodSpec], out_dir: Path, seed
         return files
 
     experiment_id = setup_tracking(cfg)
-    tags = {**run_tags(cfg, manifest), "gems.pipeline": "compare", "gems.methods": ",".join(order)}
+    tags = {**run_tags(cfg, manifest), "gems.pipeline": "compare", "gems.methods": ",".join(labels)}
     skipped: list[str] = []
     with parent_run(f"{cfg.name}-compare", tags) as parent:
         log_run_context(cfg, manifest, shard_dir)
-        mlflow.log_params({"methods": ",".join(order)[:500], "seeds": ",".join(map(str, seeds)),
+        mlflow.log_params({"methods": ",".join(labels)[:500], "seeds": ",".join(map(str, seeds)),
                            "experiment_id": experiment_id, "command": command[:500]})
         files = publish()
         floors = [s for s in specs if not s.is_llm and (s.method, cfg.data.seed) not in done]
