@@ -11,10 +11,11 @@ exactly how (all deterministic):
   search event when ``blake2b(f"{seed}:{user}:{k}")`` / 2**64 < ``search_share``
   (``data.amazon_search_share``), else a rec event. Its query is built from the clicked item:
   the words of the *leaf* of the category path (the last ``", "``-separated part), followed by the
-  first ``data.amazon_query_title_words`` (default two) title words that are alphabetic, >= 3 letters, not a stop word, not a brand word and
-  not already in the query; all lower-case. Example: "VTECH CS6114 DECT 6.0 Cordless Phone" in
-  "..., Cordless Telephones" by VTech -> "cordless telephones dect phone". An interaction picked
-  for search whose item yields no query words stays a rec event (counted). With title words the
+  first ``data.amazon_query_title_words`` (default two) title words that are alphabetic, >= 3
+  letters, not a stop word, not a brand word and not already in the query; all lower-case.
+  Example: "VTECH CS6114 DECT 6.0 Cordless Phone" in "..., Cordless Telephones" by VTech ->
+  "cordless telephones dect phone". An interaction picked for search whose item yields no query
+  words stays a rec event (counted). With title words the
   query nearly names the item (BM25 finds it almost always); with 0 it names only the category,
   and telling the category's items apart takes the user's history: personalized search.
 - titles are HTML-unescaped; an item without a title gets its leaf category as title (counted).
