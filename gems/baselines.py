@@ -29,9 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from gems.config import GEMSConfig
+from gems.item_rows import ItemRows
 from gems.optim import GEMSAdamW
 from gems.step import StepStats, TaskBatch, train_step
 from gems.subspace import target_parameter_names
+from gems.target_loss import TargetLoss
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,15 @@ class Method:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     conflict_params: dict[str, nn.Parameter] = field(default_factory=dict)
+    target_loss: TargetLoss = field(default_factory=TargetLoss)
+    item_rows: ItemRows | None = None
 
     def train_step(self, batches: Mapping[str, Sequence[TaskBatch]], max_grad_norm: float | None = None,
                    autocast_dtype: torch.dtype | None = None, measure_conflict: bool = True,
                    model: nn.Module | None = None) -> StepStats:
         """:func:`gems.step.train_step` on ``model`` (default: this method's; pass the DDP wrapper)."""
         return train_step(model if model is not None else self.model, self, batches, max_grad_norm,
-                          autocast_dtype, measure_conflict)
+                          autocast_dtype, measure_conflict, self.target_loss)
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -94,12 +98,24 @@ def _lora(model: nn.Module, cfg: GEMSConfig, item_token_ids: Sequence[int] | Non
 
 
 def build_method(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mapping[str, Tensor] | None = None,
-                 item_token_ids: Sequence[int] | None = None) -> Method:
+                 item_token_ids: Sequence[int] | None = None, *, loss: str = "vocab",
+                 item_lr_scale: float = 1.0, item_weight_decay: float = 0.0) -> Method:
     """The method ``gems_cfg.method`` for ``model`` (build it BEFORE wrapping the model in DDP).
 
     ``bases``: null-space bases for GEMS (``gems.nullspace.bases_for_run``; ignored by baselines).
-    ``item_token_ids``: the item tokens' ids, trained as extra embedding rows by LoRA.
+    ``item_token_ids``: the catalog's item token ids (catalog order): the candidates of
+    ``loss="catalog"``, the rows that ``item_lr_scale`` / ``item_weight_decay`` apply to, and the
+    extra embedding rows LoRA trains.
     """
+    method = _build(model, gems_cfg, lr, bases, item_token_ids)
+    method.target_loss = TargetLoss.build(loss, item_token_ids)
+    if item_token_ids is not None and (item_lr_scale != 1.0 or item_weight_decay > 0):
+        method.item_rows = ItemRows.of_model(method.model, item_token_ids, item_lr_scale, item_weight_decay)
+    return method
+
+
+def _build(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mapping[str, Tensor] | None,
+           item_token_ids: Sequence[int] | None) -> Method:
     if not lr > 0:
         raise ValueError(f"train.lr must be > 0, got {lr}")
     method = gems_cfg.method

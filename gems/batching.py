@@ -52,6 +52,11 @@ class LazyEncoded(Sequence[TokenizedExample], Generic[RowT]):
     def __len__(self) -> int:
         return len(self._rows)
 
+    @property
+    def rows(self) -> Sequence[RowT]:
+        """The raw rows, in example order (e.g. to estimate lengths without tokenizing)."""
+        return self._rows
+
     @overload
     def __getitem__(self, index: int) -> TokenizedExample: ...
     @overload
@@ -99,7 +104,8 @@ class MixedTaskBatcher:
 
     def __init__(self, examples: Mapping[str, Sequence[TokenizedExample]], *, batch_size: int,
                  search_fraction: float, grad_accum: int, seed: int, pad_token_id: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, lengths: Mapping[str, Sequence[int]] | None = None,
+                 bucket_steps: int = 1) -> None:
         missing = [t for t in TASKS if len(examples.get(t, ())) == 0]
         if missing:
             raise ValueError(f"no train examples for task(s) {missing}: every step needs both "
@@ -112,17 +118,49 @@ class MixedTaskBatcher:
         self.per_rank = task_counts(batch_size, search_fraction)
         self.grad_accum, self.seed, self.pad_token_id = grad_accum, seed, pad_token_id
         self.rank, self.world_size = rank, world_size
+        if bucket_steps < 1:
+            raise ValueError(f"train.length_bucket_steps must be >= 1, got {bucket_steps}")
+        self.bucket_steps = bucket_steps
+        self.lengths: dict[str, np.ndarray] | None = None
+        if lengths is not None and bucket_steps > 1:
+            self.lengths = {t: np.asarray(lengths[t], dtype=np.int64) for t in TASKS}
+            wrong = [t for t in TASKS if len(self.lengths[t]) != len(self.examples[t])]
+            if wrong:
+                raise ValueError(f"lengths for task(s) {wrong} do not match their example counts")
         self._perms: dict[tuple[str, int], np.ndarray] = {}
 
     def _permutation(self, task: str, epoch: int) -> np.ndarray:
         key = (task, epoch)
         if key not in self._perms:
             seq = np.random.SeedSequence([self.seed, TASKS.index(task), epoch])
-            self._perms[key] = np.random.default_rng(seq).permutation(len(self.examples[task]))
+            rng = np.random.default_rng(seq)
+            perm = rng.permutation(len(self.examples[task]))
+            self._perms[key] = perm if self.lengths is None else self._bucketed(task, epoch, perm, rng)
             # Only the current and next epoch are ever needed; keep memory flat on long runs.
             for old in [k for k in self._perms if k[0] == task and k[1] < epoch - 1]:
                 del self._perms[old]
         return self._perms[key]
+
+    def _bucketed(self, task: str, epoch: int, perm: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The epoch's order grouped by length: each window of ``bucket_steps`` batches is sorted by
+        prompt length and cut into batches (one rank's share of a step), whose order is then
+        shuffled so lengths do not rise step after step. Batches are aligned with the endless
+        stream's slices (an epoch may start mid-batch), and nothing depends on the world size, so
+        2 ranks at step s still see what 1 rank sees at steps 2s and 2s+1. A pure function of
+        (seed, task, epoch)."""
+        assert self.lengths is not None
+        group = self.per_rank[task]
+        lead = (-epoch * len(perm)) % group  # examples that complete the batch begun last epoch
+        out = [perm[:lead]]
+        rest = perm[lead:]
+        window = group * self.bucket_steps
+        for start in range(0, len(rest), window):
+            chunk = rest[start:start + window]
+            chunk = chunk[np.argsort(self.lengths[task][chunk], kind="stable")]
+            full = [chunk[i:i + group] for i in range(0, len(chunk) - group + 1, group)]
+            out.extend(full[i] for i in rng.permutation(len(full)))
+            out.append(chunk[len(full) * group:])  # a partial batch stays last
+        return np.concatenate(out)
 
     def _stream_indices(self, task: str, start: int, count: int) -> list[int]:
         n = len(self.examples[task])

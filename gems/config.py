@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gems.sasrec_config import SASRecConfig
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "pipelines" / "configs"
 
@@ -108,6 +110,10 @@ class ModelConfig(_Section):
     cache_dir: str = Field("cache/models", description="Dequantized backbone cache (relative to "
                            "state_dir).")
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
+    chat_template: Literal["auto", "none"] = Field(
+        "auto", description="auto: prompts are a user turn of the backbone's chat template (if it "
+        "has one) WITHOUT the default system prompt some templates inject (SmolLM2's adds 30 "
+        "identical tokens, a third of an average prompt's compute); none: plain text after BOS.")
     tiny: TinyLlamaConfig = Field(default_factory=TinyLlamaConfig,
                                   description="Shape of the tiny-llama test model.")
 
@@ -176,6 +182,10 @@ class GEMSConfig(_Section):
     lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (method=lora).")
     galore_scale: float = Field(0.25, gt=0, le=100, description="GaLore scale (method=galore); "
                                 "its rank is r_shared and its update gap t_svd.")
+    rank_threshold: float = Field(1e-3, ge=0, lt=1, description="A basis direction is kept only "
+                                  "when its singular value is >= this share of the gradient's "
+                                  "Frobenius norm: a subspace shrinks to what the gradient holds "
+                                  "instead of filling up with float noise (0 = keep all).")
     svd: Literal["auto", "full", "randomized"] = Field(
         "auto", description="Basis refresh SVD: full (torch.linalg.svd), randomized (seeded range "
         "finder, ~10x cheaper), or auto = randomized when the rank is <= 1/4 of min(m, n).")
@@ -227,6 +237,17 @@ class TrainConfig(_Section):
     checkpoints_to_keep: int | None = Field(2, ge=1, le=10_000, description="Newest checkpoints "
                                             "kept in storage per run (None = all); each holds "
                                             "weights and optimizer state.")
+    loss: Literal["catalog", "vocab"] = Field(
+        "catalog", description="Softmax at the target position: over the catalog's item tokens "
+        "(what evaluation ranks; learns items from step 0 and leaves text tokens alone) or over the "
+        "whole vocabulary (must first move next-token mass from text onto items).")
+    item_lr_scale: float = Field(1.0, gt=0, le=1000, description="Item-token rows learn at "
+                                 "item_lr_scale x the scheduled lr (every method; gems.item_rows).")
+    item_weight_decay: float = Field(0.0, ge=0, le=1, description="Decoupled weight decay on the "
+                                     "item-token rows only.")
+    length_bucket_steps: int = Field(16, ge=1, le=100_000, description="Each task's examples for "
+                                     "this many consecutive steps are drawn together and grouped "
+                                     "by prompt length (less padding); 1 = no bucketing.")
 
 
 class EvalConfig(_Section):
@@ -319,6 +340,8 @@ class Config(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)
+    sasrec: SASRecConfig = Field(default_factory=SASRecConfig, description="The SASRec "
+                                 "collaborative floor (methods sasrec, sasrec-bm25).")
 
     @property
     def state_path(self) -> Path:

@@ -82,6 +82,8 @@ def load_backbone_with_source(
     else:
         model, tokenizer, source = *_load_hf_dir(cfg), "hf_dir"
     _prepare_for_batching(model, tokenizer)
+    if cfg.chat_template == "none":
+        tokenizer.chat_template = None  # saved with the tokenizer: serving renders prompts alike
     model.eval()
     log.info("backbone %s loaded (%s): %d parameters, vocab %d", cfg.name_or_path, source,
              sum(p.numel() for p in model.parameters()), len(tokenizer))

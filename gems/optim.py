@@ -385,13 +385,16 @@ class GEMSAdamW(torch.optim.Optimizer):
             ns = self._nullspace.get(p)
             projected = {t: (g.float() if ns is None else ns.apply(g.float())) for t, g in grads.items()}
             st = self.state[p]
+            protected = self._protected_on_basis_side(p, layer)
             if projected and bool(st[f"due_{SHARED}"]):
                 shared = sum(projected.values())
-                self._refresh(p, layer, SHARED, shared, None)
+                self._refresh(p, layer, SHARED, shared, protected)
                 refreshed = True
             for t in present:
                 if t in layer.ranks and t in projected and bool(st[f"due_{t}"]):
-                    orth = st[f"q_{SHARED}"] if self.cfg.complementary else None
+                    excluded = [b for b in (st[f"q_{SHARED}"] if self.cfg.complementary else None,
+                                            protected) if b is not None]
+                    orth = torch.cat(excluded, dim=1) if excluded else None
                     self._refresh(p, layer, t, projected[t], orth)
                     refreshed = True
             del projected
@@ -399,10 +402,19 @@ class GEMSAdamW(torch.optim.Optimizer):
                               for t, g in grads.items()}
         return refreshed, rhos
 
+    def _protected_on_basis_side(self, p: Tensor, layer: _Layer) -> Tensor | None:
+        """U_k when it lives on the side the bases do (input null space, right basis; output, left):
+        bases are then built in its complement, so no basis column is wasted on a direction the
+        projection removes anyway."""
+        ns = self._nullspace.get(p)
+        if ns is None or (layer.side == "right") != (ns.side == "input"):
+            return None
+        return ns.u
+
     def _refresh(self, p: Tensor, layer: _Layer, s: str, g: Tensor, orthogonal_to: Tensor | None) -> None:
         st = self.state[p]
         method = choose_svd(self.cfg.svd, layer.ranks[s], layer.m, layer.n)
-        q_new = top_basis(g, layer.ranks[s], layer.side, orthogonal_to, method)
+        q_new = top_basis(g, layer.ranks[s], layer.side, orthogonal_to, method, self.cfg.rank_threshold)
         mode = self.cfg.moment_transfer
         if mode == "rotate" and int(st[f"t_{s}"]) > 0:
             m, v = transfer_moments(st[f"m_{s}"], st[f"v_{s}"], st[f"q_{s}"], q_new, layer.side)

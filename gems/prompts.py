@@ -11,6 +11,7 @@ any ``max_len``: a model that never sees the cue cannot be scored at the right p
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -72,13 +73,52 @@ def format_prompt(task: str, history: Sequence[tuple[str, str]], query: str | No
     return _assemble(prompt_head(task), entries, prompt_tail(task, query))
 
 
+_SENTINEL = "\x00GEMS_PROMPT\x00"
+
+
+def _user_turn_template(tokenizer: Any) -> tuple[str, str] | None:
+    """(prefix, suffix) of a user turn in the backbone's chat template, without the system prompt
+    the template injects by default; None when the tokenizer has no chat template.
+
+    Templates such as SmolLM2's and Qwen2.5's add a default system prompt when the conversation has
+    none (30 identical tokens per SmolLM2 prompt). The user turn is isolated by rendering it after
+    an explicit empty system turn and removing that empty turn's own rendering; a template that
+    injects nothing renders the same either way. Computed once per tokenizer and template.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    cache = getattr(tokenizer, "_gems_user_turn", None)
+    if cache is not None and cache[0] == template:
+        return cache[1]
+
+    def render(messages: list[dict[str, str]], generation: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+    user = [{"role": "user", "content": _SENTINEL}]
+    plain = render(user, True)
+    turn = plain
+    try:
+        with_system = render([{"role": "system", "content": ""}, *user], True)
+        empty_system = render([{"role": "system", "content": ""}], False)
+    except Exception:  # noqa: BLE001 - templates that reject a system turn inject none either
+        with_system = empty_system = ""
+    if empty_system and with_system.startswith(empty_system):
+        candidate = with_system[len(empty_system):]
+        if plain.endswith(candidate) and _SENTINEL in candidate:
+            turn = candidate
+    prefix, _, suffix = turn.partition(_SENTINEL)
+    with contextlib.suppress(AttributeError):  # a tokenizer that refuses new attributes: recompute
+        tokenizer._gems_user_turn = (template, (prefix, suffix))
+    return prefix, suffix
+
+
 def _render(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of ``text`` as the backbone expects a user turn: via its chat template when it has
-    one (user message + generation prompt), else plain text after BOS."""
-    if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
-        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    """Token ids of ``text`` as the backbone expects a user turn: inside its chat template when it
+    has one (user turn + generation prompt, no injected system prompt), else plain text after BOS."""
+    turn = _user_turn_template(tokenizer)
+    if turn is not None:
+        return list(tokenizer(turn[0] + text + turn[1], add_special_tokens=False)["input_ids"])
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     bos = getattr(tokenizer, "bos_token_id", None)
     return [bos, *ids] if bos is not None else ids

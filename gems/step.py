@@ -25,11 +25,11 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gems.conflict import ConflictSummary, cosine, summarize
 from gems.gate import TASKS
+from gems.target_loss import TargetLoss
 
 IGNORE_INDEX = -100
 
@@ -110,11 +110,13 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def task_ce_sum(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dtype | None = None) -> Tensor:
+def task_ce_sum(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dtype | None = None,
+                loss: TargetLoss | None = None) -> Tensor:
     """Summed next-token cross-entropy over the batch's target tokens (fp32 scalar with grad).
 
     Position ids skip the left padding (as in scoring), and the LM head runs only at positions
-    that predict a target (``logits_to_keep``), so the big-vocabulary logits stay small.
+    that predict a target (``logits_to_keep``), so the big-vocabulary logits stay small. ``loss``
+    chooses the softmax's candidates (default: the whole vocabulary).
     """
     device = _device(model)
     ids = batch.input_ids.to(device)
@@ -134,8 +136,7 @@ def task_ce_sum(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dtype 
     targets = shifted[:, keep] if sliced else shifted
     if not sliced:
         logits = logits[:, :-1]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return (loss or TargetLoss()).ce_sum(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def _micro_context(model: nn.Module, index: int, count: int) -> contextlib.AbstractContextManager:
@@ -154,13 +155,15 @@ def _token_counts(batches: Mapping[str, Sequence[TaskBatch]]) -> dict[str, int]:
 
 def train_step(model: nn.Module, method: Any, batches: Mapping[str, Sequence[TaskBatch]],
                max_grad_norm: float | None = None, autocast_dtype: torch.dtype | None = None,
-               measure_conflict: bool = True) -> StepStats:
+               measure_conflict: bool = True, loss: TargetLoss | None = None) -> StepStats:
     """One optimizer step on ``batches`` (task -> micro-batches); returns its statistics.
 
     ``model`` is what runs forward (possibly DDP-wrapped); ``method`` is a
     :class:`gems.baselines.Method`, a :class:`gems.optim.GEMSAdamW` or any torch optimizer over
     ``model``'s parameters. ``measure_conflict=False`` skips the conflict coefficient (GEMS then keeps
     no extra full-size gradient on steps without an SVD refresh); loops pass it on logging steps.
+    ``loss``: the target softmax's candidates (:class:`gems.target_loss.TargetLoss`; default the
+    method's own, else the whole vocabulary).
     """
     from gems.optim import GEMSAdamW  # local: optim imports this module's siblings only
 
@@ -169,6 +172,8 @@ def train_step(model: nn.Module, method: Any, batches: Mapping[str, Sequence[Tas
         raise ValueError(f"unknown task(s) in batches: {sorted(unknown)}; expected {TASKS}")
     optimizer = method if isinstance(method, torch.optim.Optimizer) else method.optimizer
     conflict_params: dict[str, nn.Parameter] = getattr(method, "conflict_params", {}) or {}
+    loss = loss or getattr(method, "target_loss", None)
+    item_rows = getattr(method, "item_rows", None)
     gems = isinstance(optimizer, GEMSAdamW)
     counts = _token_counts(batches)
     total = sum(counts.values())
@@ -184,7 +189,7 @@ def train_step(model: nn.Module, method: Any, batches: Mapping[str, Sequence[Tas
         micro = list(batches.get(task, ()))
         for j, batch in enumerate(micro):
             with _micro_context(model, j, len(micro)):
-                ce = task_ce_sum(model, batch, autocast_dtype)
+                ce = task_ce_sum(model, batch, autocast_dtype, loss)
                 (ce * scale).backward()
             ce_sums[i] += float(ce.detach())
         if counts[task] == 0:
@@ -202,7 +207,8 @@ def train_step(model: nn.Module, method: Any, batches: Mapping[str, Sequence[Tas
     if gems:
         optimizer.set_task_stats(losses, samples)
         grad_norm = optimizer.clip_grad_norm_(max_grad_norm)
-        optimizer.step()
+        with _rows_rescaled(item_rows, optimizer):
+            optimizer.step()
         report = optimizer.last_report
         return StepStats(loss=losses, samples=samples, grad_norm=grad_norm, gate=report.gate,
                          conflict_before=report.conflict_before, conflict_after=report.conflict_after,
@@ -211,9 +217,15 @@ def train_step(model: nn.Module, method: Any, batches: Mapping[str, Sequence[Tas
         _restore(conflict_params, stash)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf))
-    optimizer.step()
+    with _rows_rescaled(item_rows, optimizer):
+        optimizer.step()
     return StepStats(loss=losses, samples=samples, grad_norm=grad_norm,
                      conflict_before=summarize(rhos) if rhos else None)
+
+
+def _rows_rescaled(item_rows: Any, optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager:
+    """Item rows' own learning rate and decay around the optimizer step (:mod:`gems.item_rows`)."""
+    return item_rows.rescaled(optimizer) if item_rows is not None else contextlib.nullcontext()
 
 
 def _take_grads(params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:

@@ -31,7 +31,8 @@ def basis_side(m: int, n: int) -> Side:
 
 
 def canonical_signs(q: Tensor) -> Tensor:
-    """Flip columns so that each one's largest-magnitude entry is positive (deterministic bases)."""
+    """Flip columns so that each one's largest-magnitude entry is positive (deterministic bases);
+    zero columns (directions a basis does not use) stay zero."""
     idx = q.abs().argmax(dim=0, keepdim=True)
     signs = torch.sign(q.gather(0, idx))
     signs[signs == 0] = 1
@@ -72,14 +73,15 @@ def choose_svd(requested: str, rank: int, m: int, n: int) -> SvdMethod:
     return requested  # type: ignore[return-value]
 
 
-def _left_singular_vectors(a: Tensor, rank: int, method: SvdMethod) -> Tensor:
-    """Top-``rank`` left singular vectors of ``a`` (d x o).
+def _left_singular_vectors(a: Tensor, rank: int, method: SvdMethod) -> tuple[Tensor, Tensor]:
+    """Top-``rank`` left singular vectors of ``a`` (d x o) and their singular values.
 
     ``randomized``: a range finder with power iterations (Halko et al. 2011) whose test matrix is
     seeded from the shape, so every rank and device computes the same basis without sharing RNG.
     """
     if method == "full":
-        return torch.linalg.svd(a, full_matrices=False)[0][:, :rank]
+        u, s, _ = torch.linalg.svd(a, full_matrices=False)
+        return u[:, :rank], s[:rank]
     d, o = a.shape
     width = min(rank + OVERSAMPLE, d, o)
     gen = torch.Generator().manual_seed(1_000_003 * d + o)
@@ -88,31 +90,43 @@ def _left_singular_vectors(a: Tensor, rank: int, method: SvdMethod) -> Tensor:
         y = torch.linalg.qr(y).Q
         y = a @ (a.T @ y)
     q = torch.linalg.qr(y).Q
-    u_small = torch.linalg.svd(q.T @ a, full_matrices=False)[0]
-    return (q @ u_small)[:, :rank]
+    u_small, s, _ = torch.linalg.svd(q.T @ a, full_matrices=False)
+    return (q @ u_small)[:, :rank], s[:rank]
 
 
 def top_basis(g: Tensor, rank: int, side: Side, orthogonal_to: Tensor | None = None,
-              method: SvdMethod = "full") -> Tensor:
-    """Top-``rank`` singular vectors of ``g`` on ``side`` (float32), canonical signs.
+              method: SvdMethod = "full", threshold: float = 0.0) -> Tensor:
+    """Top-``rank`` singular vectors of ``g`` on ``side`` (float32, d x rank), canonical signs.
 
-    With ``orthogonal_to`` (an orthonormal d x r0 basis on the same side), the component of ``g``
-    in that subspace is removed first (complementary task subspaces); the result is then
-    re-orthogonalised against it so that ``orthogonal_to^T Q = 0`` holds to float precision even
-    when ``g`` has fewer than ``rank`` non-zero singular values left.
+    With ``orthogonal_to`` (orthonormal columns, possibly some zero, on the same side: the shared
+    basis for complementary task subspaces, the protected null-space directions), the component
+    of ``g`` in that span is removed first and the result re-orthogonalised against it, so that
+    ``orthogonal_to^T Q = 0`` holds to float precision.
+
+    ``threshold``: a direction is kept only if its singular value is at least ``threshold * ||g||_F``
+    (the Frobenius norm bounds the largest singular value and costs nothing). The other columns
+    are zero, so the subspace's rank shrinks to what the gradient holds: with fewer target tokens
+    than rank, or a task gradient that the shared basis already explains, the leftover singular
+    vectors are float noise, which Adam's normalisation would otherwise turn into full-size moves.
     """
     g32 = g.float()
     dim = g.shape[0] if side == "left" else g.shape[1]
     if rank > dim or (orthogonal_to is not None and rank + orthogonal_to.shape[1] > dim):
         held = 0 if orthogonal_to is None else orthogonal_to.shape[1]
         raise ValueError(f"rank {rank} (+ {held} excluded) does not fit in dimension {dim}")
+    reference = float(torch.linalg.vector_norm(g32))
     if orthogonal_to is not None:
         g32 = Subspace(orthogonal_to, side).remove_from(g32)
-    q = _left_singular_vectors(g32 if side == "left" else g32.T, rank, method)
-    if orthogonal_to is not None:
+    q, sigma = _left_singular_vectors(g32 if side == "left" else g32.T, rank, method)
+    # No gradient at all: the subspace stays empty.
+    keep = sigma >= threshold * reference if reference > 0 else torch.zeros_like(sigma, dtype=torch.bool)
+    q = q[:, keep]
+    if orthogonal_to is not None and q.shape[1]:
         q = q - orthogonal_to @ (orthogonal_to.T @ q)
         q = torch.linalg.qr(q).Q
-    return canonical_signs(q).contiguous()
+    out = torch.zeros(dim, rank, dtype=torch.float32, device=g.device)
+    out[:, : q.shape[1]] = canonical_signs(q) if q.shape[1] else q
+    return out.contiguous()
 
 
 def clamp_rank(requested: int, available: int, field: str, where: str) -> int:

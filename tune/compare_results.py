@@ -250,6 +250,33 @@ def plot_conflict(histories: Mapping[str, Sequence[Mapping[str, float]]], path: 
     return path
 
 
+VAL_NDCG = "val/{task}/full/ndcg_at_10"
+
+
+def plot_val_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: Path) -> Path | None:
+    """Val NDCG@10 (full catalog) per task over steps, one line per run: a run where one task
+    gives up while the other improves is visible at a glance."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
+    drawn = False
+    for ax, task in zip(axes, ("search", "rec"), strict=True):
+        for label, history in sorted(histories.items()):
+            series = conflict_series(history, VAL_NDCG.format(task=task))
+            if len(series) > 0:
+                steps, values = zip(*series, strict=True)
+                ax.plot(steps, values, marker=".", label=label)
+                drawn = True
+        ax.set(xlabel="step", ylabel="val NDCG@10 (full catalog)", title=f"{task}")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(out_dir: Path, rows: Sequence[Row], method_order: Sequence[str],
                 histories: Mapping[tuple[str, int], Sequence[Mapping[str, float]]]) -> dict[str, Path]:
     """All figures of the study (those with data to draw), name -> file."""
@@ -260,6 +287,8 @@ def write_plots(out_dir: Path, rows: Sequence[Row], method_order: Sequence[str],
         "retention_bars": plot_retention_bars(rows, method_order, out_dir / "retention.png"),
         "conflict": plot_conflict({f"{m} s{s}": h for (m, s), h in histories.items()},
                                   out_dir / "conflict.png"),
+        "val_curves": plot_val_curves({f"{m} s{s}": h for (m, s), h in histories.items()},
+                                      out_dir / "val_ndcg10.png"),
     }
     return {name: path for name, path in drawn.items() if path is not None}
 

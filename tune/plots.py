@@ -40,13 +40,23 @@ def _is_gate(key: str) -> bool:
     return key.startswith("gate") or "/gate" in key or ".gate" in key
 
 
+def _is_val_ndcg(key: str) -> bool:
+    return key.startswith("val/") and key.endswith("/full/ndcg_at_10")
+
+
 def plot_training_dynamics(history: Mapping[str, Series], title: str = "") -> Figure | None:
-    """Conflict coefficient(s) and gate weights over steps (the two things GEMS adapts to)."""
+    """Conflict coefficient(s) and gate weights over steps (the two things GEMS adapts to), and
+    each task's val NDCG@10 (a task that gives up while the other improves shows at a glance)."""
     conflict = {k: v for k, v in history.items() if _is_conflict(k) and v}
     gates = {k: v for k, v in history.items() if _is_gate(k) and v}
-    if not conflict and not gates:
+    val = {k: v for k, v in history.items() if _is_val_ndcg(k) and v}
+    if not conflict and not gates and not val:
         return None
-    fig, (ax_c, ax_g) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_c, ax_g, ax_v) = plt.subplots(1, 3, figsize=(14, 3.6))
+    for key, points in sorted(val.items()):
+        steps, values = zip(*sorted(points), strict=True)
+        ax_v.plot(steps, values, marker=".", label=key.split("/")[1])
+    ax_v.set(xlabel="step", ylabel="NDCG@10", title="val NDCG@10 per task (full catalog)")
     for key, points in sorted(conflict.items()):
         steps, values = zip(*sorted(points), strict=True)
         ax_c.plot(steps, values, marker=".", label=key)
@@ -56,7 +66,7 @@ def plot_training_dynamics(history: Mapping[str, Series], title: str = "") -> Fi
         steps, values = zip(*sorted(points), strict=True)
         ax_g.plot(steps, values, marker=".", label=key)
     ax_g.set(xlabel="step", ylabel="weight", ylim=(0, 1), title="task gate weights")
-    for ax in (ax_c, ax_g):
+    for ax in (ax_c, ax_g, ax_v):
         if ax.lines:
             ax.legend(fontsize=7)
     if title:

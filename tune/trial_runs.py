@@ -133,7 +133,8 @@ class MlflowTrialRuns(Callback):
     def log_dynamics_plot(self, run_id: str, trial_id: str) -> None:
         """Conflict coefficient and gate weights over steps, read back from the run's history."""
         keys = [k for k in self.client.get_run(run_id).data.metrics
-                if ("conflict" in k or "rho" in k or "gate" in k) and not k.startswith("system/")]
+                if ("conflict" in k or "rho" in k or "gate" in k or k.endswith("/full/ndcg_at_10"))
+                and not k.startswith("system/")]
         history = {k: [(m.step, m.value) for m in self.client.get_metric_history(run_id, k)] for k in keys}
         fig = plots.plot_training_dynamics(history, title=f"trial {trial_id}")
         if fig is not None:

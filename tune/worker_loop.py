@@ -142,19 +142,33 @@ class MetricWindow:
     def reset(self) -> None:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
+        self.low: dict[str, float] = {}
+        self.high: dict[str, float] = {}
         self.tokens = 0
+        self.padded = 0
+        self.steps = 0
         self.seconds = 0.0
 
-    def add(self, stats: StepStats, tokens: int, seconds: float) -> None:
+    def add(self, stats: StepStats, tokens: int, seconds: float, padded: int | None = None) -> None:
         for key, value in stats.as_metrics().items():
             if value is not None and math.isfinite(value):
                 self.sums[key] = self.sums.get(key, 0.0) + float(value)
                 self.counts[key] = self.counts.get(key, 0) + 1
+                if key.startswith("gate_"):  # the gate's range shows whether it moves at all
+                    self.low[key] = min(self.low.get(key, math.inf), float(value))
+                    self.high[key] = max(self.high.get(key, -math.inf), float(value))
         self.tokens += tokens
+        self.padded += tokens if padded is None else padded
+        self.steps += 1
         self.seconds += seconds
 
     def flush(self, world_size: int) -> dict[str, float]:
         out = {f"train/{k}": self.sums[k] / self.counts[k] for k in self.sums}
+        out.update({f"train/{k}_min": v for k, v in self.low.items()})
+        out.update({f"train/{k}_max": v for k, v in self.high.items()})
+        if self.steps:
+            out["train/tokens_per_step"] = self.tokens / self.steps
+            out["train/padding_share"] = 1.0 - self.tokens / self.padded if self.padded else 0.0
         if self.seconds > 0:
             # Every rank processes the same batch layout, so global throughput = world x local.
             out["train/tokens_per_s"] = world_size * self.tokens / self.seconds
@@ -163,8 +177,11 @@ class MetricWindow:
         return out
 
 
-def _batch_tokens(batches: Mapping[str, list[Any]]) -> int:
-    return int(sum(int(mb.attention_mask.sum()) for mbs in batches.values() for mb in mbs))
+def _batch_tokens(batches: Mapping[str, list[Any]]) -> tuple[int, int]:
+    """(real tokens, tokens incl. padding) of one step's micro-batches."""
+    real = sum(int(mb.attention_mask.sum()) for mbs in batches.values() for mb in mbs)
+    padded = sum(int(mb.attention_mask.numel()) for mbs in batches.values() for mb in mbs)
+    return real, padded
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -250,17 +267,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     model, tokenizer, item_ids, new_ids = _load_model_with_items(cfg, rank)
     model.to(device)
     bases = load_bases(Path(loop_config["bases_path"])) if loop_config.get("bases_path") else None
-    # item_token_ids: LoRA trains the item rows (peft trainable_token_indices); others ignore it.
-    method = build_method(model, cfg.gems, tc.lr, bases, item_token_ids=new_ids)
+    # item_token_ids (catalog order): the catalog loss's candidates, the rows with their own lr,
+    # and LoRA's trainable item rows (peft trainable_token_indices).
+    method = build_method(model, cfg.gems, tc.lr, bases, item_token_ids=new_ids, loss=tc.loss,
+                          item_lr_scale=tc.item_lr_scale, item_weight_decay=tc.item_weight_decay)
     train_model: torch.nn.Module = method.model
     if world > 1:
         train_model = ray.train.torch.prepare_model(train_model)
     schedule = build_lr_schedule(method.optimizer, tc.warmup_steps, tc.max_steps)
 
     examples = training_examples(dataset_frame("train", TRAIN_COLUMNS), tokenizer, tc.max_seq_len)
+    # Prompt characters stand in for token counts when grouping by length: no tokenization upfront.
+    lengths = {task: [len(row["prompt"]) for row in rows.rows] for task, rows in examples.items()}
     batcher = MixedTaskBatcher(examples, batch_size=tc.batch_size, search_fraction=tc.search_fraction,
                                grad_accum=tc.grad_accum, seed=tc.seed,
-                               pad_token_id=int(tokenizer.pad_token_id), rank=rank, world_size=world)
+                               pad_token_id=int(tokenizer.pad_token_id), rank=rank, world_size=world,
+                               lengths=lengths, bucket_steps=tc.length_bucket_steps)
     val = dataset_frame("val") if rank == 0 else None
     val_token_ids = item_token_ids(tokenizer, item_ids)
 
@@ -288,7 +310,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         stats = method.train_step(batches, tc.max_grad_norm, autocast_dtype,
                                   measure_conflict=is_report or is_eval or is_ckpt, model=train_model)
         schedule.step()
-        window.add(stats, _batch_tokens(batches), time.perf_counter() - started)
+        real_tokens, padded_tokens = _batch_tokens(batches)
+        window.add(stats, real_tokens, time.perf_counter() - started, padded_tokens)
         if not (is_report or is_eval or is_ckpt):
             continue
         metrics: dict[str, Any] = {"step": done, "train/lr": current_lr(schedule),

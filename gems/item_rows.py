@@ -1,0 +1,96 @@
+"""Item rows learn at their own rate and decay, under every method's optimizer.
+
+Item tokens are new rows of the embedding (and of an untied LM head): the pretrained text rows
+around them need small steps, while item rows start from a title mean and carry most of what
+recommendation has to learn. The rows share one tensor with the text vocabulary, so no optimizer
+can give them a parameter group of their own; instead each step's change of the item rows is
+rescaled after the optimizer has made it: ``row <- old + s (new - old) - lr s wd old``. For Adam-family
+optimizers (AdamW, GaLore's non-target params, GEMS's AdamW part) this is exactly a per-row
+learning rate ``s * lr`` with decoupled weight decay ``wd`` on those rows, whatever the optimizer's
+own state and schedule. LoRA trains item rows as peft's trainable-token deltas, whose whole tensor
+is item rows. With ``s = 1`` and ``wd = 0`` nothing is copied (the default costs nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+TRAINABLE_TOKENS_DELTA = "trainable_tokens_delta"
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows ``rows`` of ``param`` (None = the whole tensor) that belong to items."""
+
+    param: nn.Parameter
+    rows: Tensor | None
+
+    def read(self) -> Tensor:
+        data = self.param.detach()
+        return data.clone() if self.rows is None else data.index_select(0, self.rows)
+
+    def write(self, values: Tensor) -> None:
+        with torch.no_grad():
+            if self.rows is None:
+                self.param.copy_(values)
+            else:
+                self.param.index_copy_(0, self.rows, values.to(self.param.dtype))
+
+
+class ItemRows:
+    """The item rows of a model and their learning-rate scale and weight decay."""
+
+    def __init__(self, blocks: Sequence[RowBlock], lr_scale: float = 1.0, weight_decay: float = 0.0) -> None:
+        if not lr_scale > 0:
+            raise ValueError(f"train.item_lr_scale must be > 0, got {lr_scale}")
+        if weight_decay < 0:
+            raise ValueError(f"train.item_weight_decay must be >= 0, got {weight_decay}")
+        self.blocks = list(blocks)
+        self.lr_scale, self.weight_decay = float(lr_scale), float(weight_decay)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.blocks) and (self.lr_scale != 1.0 or self.weight_decay > 0)
+
+    @classmethod
+    def of_model(cls, model: nn.Module, item_token_ids: Sequence[int], lr_scale: float = 1.0,
+                 weight_decay: float = 0.0) -> ItemRows:
+        """Item rows of a plain model (embedding, and the LM head when untied) or of a peft model
+        (its trainable-token deltas)."""
+        peft_deltas = [p for n, p in model.named_parameters()
+                       if TRAINABLE_TOKENS_DELTA in n and p.requires_grad]
+        if peft_deltas:
+            return cls([RowBlock(p, None) for p in peft_deltas], lr_scale, weight_decay)
+        ids = torch.as_tensor(list(item_token_ids), dtype=torch.long)
+        if ids.numel() == 0:
+            return cls([], lr_scale, weight_decay)
+        blocks: list[RowBlock] = []
+        seen: set[int] = set()
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            weight = getattr(module, "weight", None)
+            if weight is None or not weight.requires_grad or id(weight) in seen:
+                continue  # tied head: the embedding's rows already cover it
+            seen.add(id(weight))
+            blocks.append(RowBlock(weight, ids.to(weight.device)))
+        return cls(blocks, lr_scale, weight_decay)
+
+    @contextmanager
+    def rescaled(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+        """Wrap ``optimizer.step()``: the item rows' change is rescaled and decayed afterwards."""
+        if not self.active:
+            yield
+            return
+        before = [b.read() for b in self.blocks]
+        lr = float(optimizer.param_groups[0]["lr"])
+        yield
+        for block, old in zip(self.blocks, before, strict=True):
+            new = block.read()
+            scaled = old + self.lr_scale * (new - old)
+            if self.weight_decay > 0:
+                scaled = scaled - (lr * self.lr_scale * self.weight_decay) * old
+            block.write(scaled)

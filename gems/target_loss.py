@@ -1,0 +1,84 @@
+"""What the softmax at a target position runs over: the catalog's item tokens, or the vocabulary.
+
+``catalog`` (the default of ``train.loss``) trains exactly what scoring ranks: the next-token
+logits restricted to the item tokens (:mod:`gems.scoring`). The full-vocabulary loss (``vocab``)
+first has to move the next-token mass from text onto item tokens (about ln(catalog size) of loss
+before anything is learned about items) and keeps pushing text tokens down at every step, which
+costs both rec quality and general-domain behaviour (item mass on ordinary text); it stays as an
+option for comparison. Both take the same logits, so the head, soft-capping or biases of any
+backbone stay exactly what scoring uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+LossMode = Literal["catalog", "vocab"]
+LOSS_MODES: tuple[str, ...] = ("catalog", "vocab")
+
+
+@dataclass(frozen=True)
+class TargetLoss:
+    """Summed cross-entropy of target tokens over the candidates of ``mode``.
+
+    ``item_token_ids`` (catalog mode): the token id of every catalog item; column ``j`` of the
+    restricted logits is item ``j``.
+    """
+
+    mode: LossMode = "vocab"
+    item_token_ids: Tensor | None = None
+    _lookup: dict[torch.device, Tensor] = field(default_factory=dict, init=False, repr=False,
+                                                 compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in LOSS_MODES:
+            raise ValueError(f"train.loss must be one of {LOSS_MODES}, got {self.mode!r}")
+        if self.mode == "catalog":
+            ids = self.item_token_ids
+            if ids is None or ids.numel() == 0:
+                raise ValueError("train.loss=catalog needs the catalog's item token ids")
+            ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+            if ids.unique().numel() != ids.numel():
+                raise ValueError("item_token_ids holds a token id twice: each item needs its own token")
+            object.__setattr__(self, "item_token_ids", ids)
+
+    @classmethod
+    def build(cls, mode: str, item_token_ids: Tensor | list[int] | None) -> TargetLoss:
+        ids = None if item_token_ids is None else torch.as_tensor(item_token_ids, dtype=torch.long)
+        return cls(mode, ids if mode == "catalog" else None)  # type: ignore[arg-type]
+
+    def _catalog_index(self, targets: Tensor, vocab: int) -> Tensor:
+        """Catalog column of each target token id (a clear error for targets that are no item)."""
+        device = targets.device
+        if device not in self._lookup:
+            assert self.item_token_ids is not None
+            ids = self.item_token_ids.to(device)
+            if int(ids.max()) >= vocab or int(ids.min()) < 0:
+                raise ValueError(f"item token ids reach {int(ids.max())}, beyond the logits' {vocab} columns")
+            lookup = torch.full((vocab,), -1, dtype=torch.long, device=device)
+            lookup[ids] = torch.arange(ids.numel(), device=device)
+            self._lookup[device] = lookup
+        index = self._lookup[device][targets]
+        if bool((index < 0).any()):
+            bad = targets[index < 0][:5].tolist()
+            raise ValueError(f"train.loss=catalog: target token(s) {bad} are not catalog item tokens")
+        return index
+
+    def ce_sum(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Sum of CE over positions whose target is not -100; ``logits`` [N, V], ``targets`` [N]."""
+        if self.mode == "vocab":
+            return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        valid = targets != IGNORE_INDEX
+        if not bool(valid.any()):
+            return logits.float().sum() * 0.0
+        assert self.item_token_ids is not None
+        rows = logits[valid]
+        index = self._catalog_index(targets[valid], logits.shape[-1])
+        restricted = rows.index_select(-1, self.item_token_ids.to(rows.device)).float()
+        return F.cross_entropy(restricted, index, reduction="sum")
