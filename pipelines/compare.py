@@ -1,4 +1,4 @@
-"""Quality study: GEMS vs AdamW, LoRA, GaLore and the popularity / BM25 floors on the same splits.
+"""Quality study: GEMS vs AdamW, LoRA, GaLore and the popularity / BM25 / SASRec floors on the same splits.
 
 Run:  .venv/bin/python pipelines/compare.py --config amazon \
           --methods gems,adamw,lora,galore,popularity,bm25 --seeds 0,1 --out docs/study
@@ -10,8 +10,12 @@ Ablations (DESIGN.md section 5 switches) are methods too: named variants
 or inline overrides of any method: --methods "gems,gems[k=0],gems[fixed_gate=0.5,tau=2],lora[lora_r=8]"
 (bare keys are gems.* fields; train.lr is allowed per method; the budget - steps, batch, sequence
 length, seed, data, eval - is shared and changes only with --set, for every method at once).
+SASRec (trained on the driver per seed, epoch picked on val; settings --set sasrec.*) is two methods:
+  sasrec (history only) and sasrec-bm25 (search: z-score fusion with BM25, weight tuned on val):
+  --methods popularity,bm25,sasrec,sasrec-bm25
 Writes OUT/results.csv (method, task, metric, protocol, value, seed), OUT/results.md,
-OUT/timings.csv, plots, and one MLflow parent run with a child run per method and seed.
+OUT/timings.csv, plots, and one MLflow parent run with a child run per LLM method and seed (SASRec's
+best epoch, val NDCG@10 and fusion weight per seed are metrics of the parent run).
 Re-running with the same --out skips the (method, seed) pairs already in results.csv (--no-resume
 to start over).
 """

@@ -4,12 +4,12 @@ For each LLM method (and ablation variant) and seed: Ray Train fine-tunes it (``
 the same loop as the sweep), the final checkpoint is loaded back on the driver, ranked on TEST
 under both protocols (full catalog, sampled negatives) with ``gems.evaluate``, and compared with
 the untouched base model on general-domain text (``gems.retention``). The floors (popularity,
-BM25) are scored on the same test rows by the same evaluator. Each run is a nested MLflow child
-run of one parent (params,
-per-step training metrics incl. the gradient conflict coefficient, test and retention metrics,
-wall times); results.csv / results.md / plots are rewritten after every finished run, so a long
-study that is interrupted keeps what finished, and ``resume`` skips the (method, seed) pairs
-already in results.csv.
+BM25) are scored on the same test rows by the same evaluator; so is SASRec (``sasrec``,
+``sasrec-bm25``), trained on the driver on the train split once per seed, its epoch picked on val.
+Each LLM run is a nested MLflow child run of one parent (params, per-step training metrics incl.
+the gradient conflict coefficient, test and retention metrics, wall times); results.csv /
+results.md / plots are rewritten after every finished run, so a long study that is interrupted
+keeps what finished, and ``resume`` skips the (method, seed) pairs already in results.csv.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from gems.metrics import flatten_metrics
 from gems.model import add_item_tokens, item_token_ids, load_backbone
 from gems.nullspace import bases_for_run, save_bases
 from gems.retention import retention_with_config
+from gems.sasrec_config import SASRecConfig
+from gems.sasrec_floor import evaluate_sasrec
 from tune import compare_results as res
 from tune.compare_methods import MethodSpec
 from tune.tracking import log_run_context, parent_run, run_tags, setup_tracking
@@ -87,7 +89,10 @@ def prepare_shards(cfg: Config) -> tuple[Path, dict[str, Any]]:
 
 def study_key(cfg: Config) -> str:
     """What results in one output directory must share (data, model, budget, evaluation)."""
-    payload = cfg.model_dump(mode="json", exclude={"mlflow", "tune", "nightly", "name"})
+    exclude = {"mlflow", "tune", "nightly", "name"}
+    if cfg.sasrec == SASRecConfig():  # keys of studies written before the section existed stay valid
+        exclude.add("sasrec")
+    payload = cfg.model_dump(mode="json", exclude=exclude)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -143,7 +148,7 @@ def load_tuned(cfg: Config, checkpoint: Path, items: pl.DataFrame) -> tuple[torc
 
 def _floor_rows(cfg: Config, shard_dir: Path, test: pl.DataFrame, items: pl.DataFrame,
                 item_ids: list[str], specs: Sequence[MethodSpec]) -> tuple[list[res.Row], list[res.Timing]]:
-    wanted = {s.method for s in specs if not s.is_llm}
+    wanted = {s.method for s in specs if s.kind == "floor"}
     started = time.perf_counter()
     results = evaluate_floors(read_split(shard_dir, "train"), test, items, item_ids,
                               batch_size=cfg.eval.batch_size, mask_history_rec=cfg.eval.mask_history_rec,
@@ -155,6 +160,35 @@ def _floor_rows(cfg: Config, shard_dir: Path, test: pl.DataFrame, items: pl.Data
     timings = [res.Timing(name, cfg.data.seed, 0, 0.0, elapsed, 0.0, elapsed, math.nan)
                for name in results if name in wanted]
     return rows, timings
+
+
+def _sasrec_rows(cfg: Config, shard_dir: Path, test: pl.DataFrame, items: pl.DataFrame,
+                 item_ids: list[str], specs: Sequence[MethodSpec], seed: int
+                 ) -> tuple[list[res.Row], list[res.Timing], str]:
+    """Fit SASRec on train (epoch picked on all val rows) with ``seed``, rank ``test``; one fit
+    serves both sasrec and sasrec-bm25 (each one's timing carries the whole fit)."""
+    started = time.perf_counter()
+    outcome = evaluate_sasrec(read_split(shard_dir, "train"), read_split(shard_dir, "val"), test, items,
+                              item_ids, cfg.sasrec, train_seed=seed, methods=[s.method for s in specs],
+                              batch_size=cfg.eval.batch_size, mask_history_rec=cfg.eval.mask_history_rec,
+                              num_negatives=cfg.eval.num_negatives, seed=cfg.data.seed, ks=cfg.eval.ks,
+                              progress=False)
+    fit = outcome.fit
+    labels = {s.method: s.label for s in specs}
+    rows = [r for name, result in outcome.results.items()
+            for r in res.ranking_rows(labels[name], seed, result.metrics)]
+    step_s = fit.seconds / fit.steps if fit.steps else math.nan
+    timings = [res.Timing(labels[name], seed, fit.steps, fit.seconds, outcome.eval_seconds[name], 0.0,
+                          fit.seconds + outcome.eval_seconds[name], step_s) for name in outcome.results]
+    key = f"sasrec/seed{seed}"
+    if mlflow.active_run() is not None:  # the study's parent run
+        mlflow.log_metrics({f"{key}/best_epoch": fit.best_epoch, f"{key}/epochs": fit.epochs,
+                            f"{key}/val_ndcg_at_10": fit.best_val, f"{key}/fit_s": fit.seconds,
+                            **({f"{key}/fusion_weight": outcome.fusion_weight}
+                               if outcome.fusion_weight is not None else {})})
+    summary = (f"best epoch {fit.best_epoch} of {fit.epochs} (val NDCG@10 {fit.best_val:.4f}), fusion "
+               f"weight {outcome.fusion_weight}, {time.perf_counter() - started:.0f} s")
+    return rows, timings, summary
 
 
 def _numeric(d: dict[str, Any]) -> dict[str, float]:
@@ -258,13 +292,25 @@ def run_comparison(cfg: Config, specs: Sequence[MethodSpec], out_dir: Path, seed
         mlflow.log_params({"methods": ",".join(labels)[:500], "seeds": ",".join(map(str, seeds)),
                            "experiment_id": experiment_id, "command": command[:500]})
         files = publish()
-        floors = [s for s in specs if not s.is_llm and (s.method, cfg.data.seed) not in done]
+        floors = [s for s in specs if s.kind == "floor" and (s.method, cfg.data.seed) not in done]
         if floors:
             floor_rows, floor_timings = _floor_rows(cfg, shard_dir, test, items, item_ids, floors)
             rows += floor_rows
             timings += floor_timings
             say(f"floors {[s.label for s in floors]} done")
             files = publish()
+        sasrec = [s for s in specs if s.kind == "sasrec"]
+        for seed in seeds if sasrec else []:  # small: trained on the driver, before the LLM runs
+            todo = [s for s in sasrec if (s.label, seed) not in done]
+            skipped += [f"{s.label} seed {seed}" for s in sasrec if (s.label, seed) in done]
+            if todo:
+                say(f"{[s.label for s in todo]} seed {seed}: training SASRec")
+                sas_rows, sas_timings, summary = _sasrec_rows(cfg, shard_dir, test, items, item_ids,
+                                                              todo, seed)
+                rows += sas_rows
+                timings += sas_timings
+                say(f"{[s.label for s in todo]} seed {seed}: {summary}")
+                files = publish()
         llm = [s for s in specs if s.is_llm]
         if llm:
             ensure_ray(cfg)

@@ -1,8 +1,10 @@
 """Which methods a comparison runs: parsing ``--methods`` (with ablation variants) into specs.
 
 A method is one of the four LLM training methods (gems, adamw, lora, galore), a non-LLM floor
-(popularity, bm25), a named GEMS ablation (``gems-nonull``, ...), or any LLM method with inline
-overrides in brackets: ``gems[k=0,fixed_gate=0.5]``, ``lora[lora_r=8]``, ``gems[train.lr=3e-4]``.
+(popularity, bm25), the SASRec collaborative floor (sasrec, and sasrec-bm25 whose search rankings
+fuse BM25's query match in; settings: ``--set sasrec.*``), a named GEMS ablation
+(``gems-nonull``, ...), or any LLM method with inline overrides in brackets:
+``gems[k=0,fixed_gate=0.5]``, ``lora[lora_r=8]``, ``gems[train.lr=3e-4]``.
 A bare key inside brackets is a ``gems.*`` field. The budget (steps, batch, sequence length,
 accumulation, seed) may only be changed for all methods at once (``--set``), never per method:
 a comparison where one method trains longer than another proves nothing.
@@ -15,9 +17,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gems.config import Config, ConfigError, apply_overrides, config_from_dict
+from gems.sasrec_floor import SASREC_METHODS
 
 LLM_METHODS: tuple[str, ...] = ("gems", "adamw", "lora", "galore")
 FLOORS: tuple[str, ...] = ("popularity", "bm25")
+#: Trained on the driver once per study seed (gems.sasrec_floor), no LLM involved.
+SASREC: tuple[str, ...] = SASREC_METHODS
 
 #: Named GEMS ablations (DESIGN.md section 5 switches); each is gems + these overrides.
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -44,8 +49,8 @@ class MethodSpec:
     """One column of the comparison: a label (as written on the command line) and how to run it."""
 
     label: str
-    kind: Literal["llm", "floor"]
-    method: str  # gems|adamw|lora|galore for llm; popularity|bm25 for floors
+    kind: Literal["llm", "floor", "sasrec"]
+    method: str  # gems|adamw|lora|galore for llm; popularity|bm25 for floors; sasrec|sasrec-bm25
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -108,11 +113,16 @@ def parse_method(label: str) -> MethodSpec:
         if overrides:
             raise ConfigError(f"method {label!r}: floors take no overrides")
         return MethodSpec(label, "floor", name)
+    if name in SASREC:
+        if overrides:
+            raise ConfigError(f"method {label!r}: {name} takes no inline overrides; set sasrec.* "
+                              "with --set")
+        return MethodSpec(label, "sasrec", name)
     if name in VARIANTS:
         return MethodSpec(label, "llm", "gems", VARIANTS[name] + overrides)
     if name in LLM_METHODS:
         return MethodSpec(label, "llm", name, overrides)
-    known = ", ".join([*LLM_METHODS, *FLOORS, *VARIANTS])
+    known = ", ".join([*LLM_METHODS, *FLOORS, *SASREC, *VARIANTS])
     raise ConfigError(f"unknown method {name!r} in {label!r}; known: {known}")
 
 
