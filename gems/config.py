@@ -126,6 +126,16 @@ class ModelConfig(_Section):
         return self
 
 
+class ItemsConfig(_Section):
+    init: Literal["title", "collab", "title+collab"] = Field(
+        "title", description="Where item-token rows start: the mean of the title's token embeddings "
+        "(language knowledge), collaborative vectors of a SASRec trained on the same train split and "
+        "mapped to the backbone's width by a ridge fit onto the title rows (who-bought-what, as "
+        "E4SRec/LLaRA bring ID recommenders into an LLM), or the mean of both.")
+    collab_ridge: float = Field(1e-3, ge=0, le=100, description="Ridge strength of the map from "
+                                "collaborative vectors to the backbone's width (relative).")
+
+
 class GateWeights(_Section):
     loss: float = Field(0.4, ge=0, le=1, description="Weight of each task's share of the loss.")
     grad_norm: float = Field(0.4, ge=0, le=1, description="Weight of the gradient-norm share.")
@@ -267,13 +277,25 @@ class EvalConfig(_Section):
 
 
 class SearchRange(_Section):
-    low: float = Field(..., description="Lower bound.")
-    high: float = Field(..., description="Upper bound.")
+    low: float | None = Field(None, description="Lower bound (numeric fields).")
+    high: float | None = Field(None, description="Upper bound (numeric fields).")
     log: bool = Field(False, description="Sample on a log scale.")
     integer: bool = Field(False, description="Sample integers.")
+    choices: list[str] | None = Field(None, min_length=1, description="Values to choose from "
+                                      "(fields with a fixed set of values, e.g. train.loss).")
+
+    @property
+    def categorical(self) -> bool:
+        return self.choices is not None
 
     @model_validator(mode="after")
     def _ordered(self) -> SearchRange:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log or self.integer:
+                raise ValueError("a range has either choices or low/high, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a numeric range needs low and high (or give choices)")
         if self.low > self.high:
             raise ValueError(f"low {self.low} > high {self.high}")
         if self.log and self.low <= 0:
@@ -293,7 +315,7 @@ class TuneConfig(_Section):
                                           "gems.* or train.* field -> range.")
     study_storage: str | None = Field(None, description="Optuna RDB URL for a resumable study "
                                       "(None = sqlite under state_dir).")
-    points_to_evaluate: list[dict[str, float]] = Field(
+    points_to_evaluate: list[dict[str, float | str]] = Field(
         default_factory=list, description="Points (dotted field -> value) tried first, e.g. known-good "
         "defaults; an invalid point fails only its own trial.")
     resume: bool = Field(True, description="Resume an interrupted sweep of the same config and data "
@@ -334,6 +356,7 @@ class Config(_Section):
                            "caches, MLflow DB and checkpoints.")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig
+    items: ItemsConfig = Field(default_factory=ItemsConfig)
     gems: GEMSConfig = Field(default_factory=GEMSConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -280,3 +280,38 @@ def test_steps_keep_working_with_rank_deficient_batches(tiny_model_and_tokenizer
         stats = train_step(model, opt, mixed_batches(len(tok), seed=step, rows=(2, 2)), 1.0)
         assert np.isfinite(stats.mixed_loss)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------- collaborative item init
+
+
+def test_collab_init_carries_item_similarity_into_the_rows(tiny_model_and_tokenizer, tiny_items) -> None:
+    from gems.item_init import aligned_vectors, init_item_rows
+
+    model, tok = tiny_model_and_tokenizer
+    ids = add_item_tokens(model, tok, tiny_items)
+    weight = model.get_input_embeddings().weight
+    title = weight[torch.tensor(ids)].detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    vectors = torch.randn(len(ids), 6, generator=gen)
+    vectors[1] = vectors[0] + 1e-3  # two items bought alike
+    item_ids = [i for i, _ in tiny_items]
+    shuffled = list(reversed(item_ids))
+    aligned = aligned_vectors(vectors.flip(0), shuffled, item_ids)
+    torch.testing.assert_close(aligned, vectors)
+    before = weight.detach().clone()
+    init_item_rows(model, ids, aligned, "collab")
+    rows = weight[torch.tensor(ids)].detach()
+    assert torch.allclose(rows[0], rows[1], atol=1e-2 * float(rows[0].norm()))
+    assert not torch.allclose(rows, title)
+    assert abs(float(rows.norm(dim=1).mean()) / float(title.norm(dim=1).mean()) - 1) < 0.6  # backbone scale
+    text = torch.ones(weight.shape[0], dtype=torch.bool)
+    text[torch.tensor(ids)] = False
+    assert torch.equal(weight.detach()[text], before[text])  # text rows untouched
+    mixed = copy.deepcopy(model)
+    init_item_rows(mixed, ids, aligned, "title")
+    assert torch.equal(mixed.get_input_embeddings().weight, weight)
+    with pytest.raises(ValueError, match="no collaborative vector"):
+        aligned_vectors(vectors, item_ids[:-1], item_ids)
+    with pytest.raises(ValueError, match="items.init"):
+        init_item_rows(model, ids, aligned, "random")

@@ -30,7 +30,8 @@ def test_distributions_keep_scale_and_type() -> None:
 
 @pytest.mark.parametrize("key,message", [
     ("gems.not_a_field", "not a config field"),
-    ("model.name_or_path", "gems.* or train.*"),
+    ("data.seed", "gems.* or train.*"),
+    ("model.name_or_path", "not a numeric field"),
     ("tau", "gems.* or train.*"),
     ("gems.method", "not a numeric field"),
     ("gems.gate_weights.nope", "not a config field"),
@@ -93,3 +94,22 @@ def test_points_to_evaluate_must_lie_in_the_space() -> None:
         validate_points(space, [{"gems.tau": -1.0}])
     with pytest.raises(ConfigError, match="not in tune.space"):
         validate_points(space, [{"train.lr": 1e-4}])
+
+
+def test_fields_with_fixed_values_are_searched_by_choice() -> None:
+    space = {"train.loss": SearchRange(choices=["catalog", "vocab"]),
+             "model.chat_template": SearchRange(choices=["auto", "none"]),
+             "train.item_lr_scale": SearchRange(low=1.0, high=10.0, log=True)}
+    dists = to_optuna(space)
+    assert dists["train.loss"] == optuna.distributions.CategoricalDistribution(["catalog", "vocab"])
+    validate_points(space, [{"train.loss": "vocab", "train.item_lr_scale": 3.0}])
+    with pytest.raises(ConfigError, match="not one of"):
+        validate_points(space, [{"train.loss": "bpr"}])
+    with pytest.raises(ConfigError, match="not among"):
+        validate_space({"train.loss": SearchRange(choices=["catalog", "softmax"])})
+    with pytest.raises(ConfigError, match="no fixed set of values"):
+        validate_space({"train.lr": SearchRange(choices=["1e-4"])})
+    with pytest.raises(ConfigError, match="give it choices"):
+        validate_space({"train.loss": SearchRange(low=0, high=1)})
+    with pytest.raises(ValueError, match="not both"):
+        SearchRange(low=0, high=1, choices=["a"])

@@ -120,6 +120,18 @@ def plot_search_vs_rec(points: Sequence[TrialPoint], best: str | None = None) ->
     return fig
 
 
+def _numeric_axes(row: Mapping[str, float | str], rows: Sequence[Mapping[str, float | str]],
+                  axes: Sequence[str]) -> dict[str, float]:
+    """A categorical parameter (e.g. train.loss) becomes the index of its value among those seen."""
+    out = {}
+    for a in axes:
+        if any(isinstance(r[a], str) for r in rows):
+            out[a] = float(sorted({str(r[a]) for r in rows}).index(str(row[a])))
+        else:
+            out[a] = float(row[a])
+    return out
+
+
 def plot_parallel_coordinates(rows: Sequence[Mapping[str, float]], params: Sequence[str],
                               metric: str) -> Figure | None:
     """One line per trial across its (min-max scaled) parameters, coloured by the metric."""
@@ -127,6 +139,7 @@ def plot_parallel_coordinates(rows: Sequence[Mapping[str, float]], params: Seque
     if not rows or not params:
         return None
     axes = list(params) + [metric]
+    rows = [_numeric_axes(r, rows, axes) for r in rows]
     lows = {a: min(r[a] for r in rows) for a in axes}
     highs = {a: max(r[a] for r in rows) for a in axes}
 

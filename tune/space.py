@@ -10,15 +10,15 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from pydantic import BaseModel
 
 from gems.config import Config, ConfigError, SearchRange, config_from_dict
 
-TUNABLE_SECTIONS = ("gems", "train")
-ParamValue = int | float
+TUNABLE_SECTIONS = ("gems", "train", "model")
+ParamValue = int | float | str
 
 
 def _numeric_kind(annotation: Any) -> type | None:
@@ -51,12 +51,30 @@ def _field_annotation(name: str) -> Any:
     return annotation
 
 
+def _literal_values(annotation: Any) -> tuple[str, ...] | None:
+    """The allowed values of a ``Literal[...]`` field, else None."""
+    if typing.get_origin(annotation) is not Literal:
+        return None
+    return tuple(str(v) for v in typing.get_args(annotation))
+
+
 def validate_space(space: Mapping[str, SearchRange]) -> None:
-    """Every key names an existing numeric gems.*/train.* field; int fields need ``integer: true``."""
+    """Every key names an existing gems.*/train.*/model.* field: numeric ones take a range (int fields
+    ``integer: true``), fields with a fixed set of values take ``choices`` from that set."""
     for name, rng in space.items():
-        kind = _numeric_kind(_field_annotation(name))
+        annotation = _field_annotation(name)
+        allowed = _literal_values(annotation)
+        if rng.categorical:
+            if allowed is None:
+                raise ConfigError(f"tune.space: {name!r} has no fixed set of values; give it low/high")
+            unknown = [c for c in rng.choices or () if c not in allowed]
+            if unknown:
+                raise ConfigError(f"tune.space: {name!r}: choices {unknown} are not among {list(allowed)}")
+            continue
+        kind = _numeric_kind(annotation)
         if kind is None:
-            raise ConfigError(f"tune.space: {name!r} is not a numeric field; only numbers can be tuned")
+            hint = f"; give it choices from {list(allowed)}" if allowed else "; only numbers can be tuned"
+            raise ConfigError(f"tune.space: {name!r} is not a numeric field{hint}")
         if kind is int and not rng.integer:
             raise ConfigError(f"tune.space: {name!r} is an integer field; add 'integer: true' to its range")
 
@@ -66,21 +84,27 @@ def to_optuna(space: Mapping[str, SearchRange]) -> dict[str, optuna.distribution
     validate_space(space)
     out: dict[str, optuna.distributions.BaseDistribution] = {}
     for name, rng in space.items():
-        if rng.integer:
+        if rng.categorical:
+            out[name] = optuna.distributions.CategoricalDistribution(list(rng.choices or ()))
+        elif rng.integer:
             out[name] = optuna.distributions.IntDistribution(int(rng.low), int(rng.high), log=rng.log)
         else:
             out[name] = optuna.distributions.FloatDistribution(rng.low, rng.high, log=rng.log)
     return out
 
 
-def validate_points(space: Mapping[str, SearchRange], points: Sequence[Mapping[str, float]]) -> None:
+def validate_points(space: Mapping[str, SearchRange], points: Sequence[Mapping[str, ParamValue]]) -> None:
     """Points tried first must name space keys and lie inside their ranges (Optuna enqueues them)."""
     for i, point in enumerate(points):
         for name, value in point.items():
             rng = space.get(name)
             if rng is None:
                 raise ConfigError(f"tune.points_to_evaluate[{i}]: {name!r} is not in tune.space")
-            if not rng.low <= value <= rng.high:
+            if rng.categorical:
+                if str(value) not in (rng.choices or ()):
+                    raise ConfigError(f"tune.points_to_evaluate[{i}]: {name}={value!r} is not one of "
+                                      f"{rng.choices}")
+            elif isinstance(value, str) or not rng.low <= value <= rng.high:
                 raise ConfigError(f"tune.points_to_evaluate[{i}]: {name}={value} is outside "
                                   f"[{rng.low}, {rng.high}]")
 

@@ -30,6 +30,7 @@ from ray.train.torch import TorchTrainer
 from gems.checkpoint import read_trainer_state
 from gems.config import Config
 from gems.data.shards import read_items, read_split
+from tune.item_vectors import collab_vectors_path
 from tune.worker_loop import TRAIN_COLUMNS, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def build_trainer(cfg: Config, shard_dir: Path, bases_path: Path | None, run_nam
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
         "bases_path": str(bases_path) if bases_path is not None else None,
+        "item_vectors_path": _optional_str(collab_vectors_path(cfg, shard_dir)),
         "run_name": run_name,
         # Ray Train V2 dropped resume_from_checkpoint: the loop falls back to this path when the
         # run has no checkpoint of its own yet (a restarted worker group prefers the run's latest).
@@ -104,6 +106,10 @@ def build_trainer(cfg: Config, shard_dir: Path, bases_path: Path | None, run_nam
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
     )
+
+
+def _optional_str(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
 
 
 def outcome_from_result(result: Result) -> TrainOutcome:

@@ -37,11 +37,13 @@ from gems.batching import LazyEncoded, MixedTaskBatcher, TokenizedExample
 from gems.checkpoint import TrainerState, load_training_checkpoint, save_training_checkpoint
 from gems.config import Config
 from gems.evaluate import evaluate_with_config
+from gems.item_init import aligned_vectors, init_item_rows
 from gems.metrics import flatten_metrics
 from gems.model import add_item_tokens, item_token_ids, load_backbone
 from gems.nullspace import load_bases
 from gems.precision import resolve_precision
 from gems.prompts import encode_training_example
+from gems.sasrec_vectors import load_item_vectors
 from gems.schedule import build_lr_schedule, current_lr
 from gems.step import StepStats
 
@@ -217,8 +219,10 @@ def _maybe_fail(step: int, rank: int, fail_at_step: int | None, marker: str | No
 # -------------------------------------------------------------------------------- the loop
 
 
-def _load_model_with_items(cfg: Config, rank: int) -> tuple[Any, Any, list[str], list[int]]:
-    """Backbone + the catalog's item tokens (sorted by item id: the same token ids on all ranks)."""
+def _load_model_with_items(cfg: Config, rank: int, vectors_path: str | None = None
+                           ) -> tuple[Any, Any, list[str], list[int]]:
+    """Backbone + the catalog's item tokens (sorted by item id: the same token ids on all ranks),
+    their rows started from collaborative vectors when ``items.init`` asks for it."""
     # Rank 0 first: it may build the backbone cache (dequantized SmolLM2) that the others reuse.
     if rank == 0:
         model, tokenizer = load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
@@ -228,6 +232,13 @@ def _load_model_with_items(cfg: Config, rank: int) -> tuple[Any, Any, list[str],
     items = dataset_frame("items", ["item_id", "title"]).sort("item_id")
     item_ids = [str(i) for i in items["item_id"].to_list()]
     new_ids = add_item_tokens(model, tokenizer, list(zip(item_ids, items["title"].to_list(), strict=True)))
+    if cfg.items.init != "title":
+        if vectors_path is None:
+            raise ValueError(f"items.init={cfg.items.init} needs collaborative item vectors; the trainer "
+                             "builds them (tune.item_vectors)")
+        vectors, vector_ids = load_item_vectors(vectors_path)
+        init_item_rows(model, new_ids, aligned_vectors(vectors, vector_ids, item_ids), cfg.items.init,
+                       cfg.items.collab_ridge)
     return model, tokenizer, item_ids, new_ids
 
 
@@ -264,7 +275,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     seed_everything(tc.seed)
 
-    model, tokenizer, item_ids, new_ids = _load_model_with_items(cfg, rank)
+    vectors_path = loop_config.get("item_vectors_path")
+    model, tokenizer, item_ids, new_ids = _load_model_with_items(cfg, rank, vectors_path)
     model.to(device)
     bases = load_bases(Path(loop_config["bases_path"])) if loop_config.get("bases_path") else None
     # item_token_ids (catalog order): the catalog loss's candidates, the rows with their own lr,

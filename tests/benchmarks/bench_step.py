@@ -1,0 +1,137 @@
+"""A whole training step at the study's batch, against this machine's matmul peak (MFU).
+
+Run: .venv/bin/python tests/benchmarks/bench_step.py --model smollm2-135m --batch 16 --steps 6
+     .venv/bin/python tests/benchmarks/bench_step.py --model smollm2-135m --profile   (top ops)
+
+In one process, side by side: the machine's fp32 and bf16 matmul peak (median GFLOP/s of a square
+GEMM the size of the model's largest), then per method (AdamW, GEMS) and precision the median
+whole-step time (``train_step`` with the catalog loss on prompts of the study's length), the
+model FLOPs of that step (6 x non-embedding parameters x real tokens, plus the attention
+scores, plus GEMS's second task pass costs nothing extra: each token is processed once) and
+MFU = FLOPs / time / peak of the precision used. GEMS/AdamW whole-step ratio at the same batch
+with the SVD refresh amortised over ``--t-svd`` steps. Not a test: figures depend on the load
+average, printed first and last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from gems.baselines import build_method
+from gems.config import GEMSConfig, ModelConfig
+from gems.model import add_item_tokens, load_backbone
+from gems.step import TaskBatch
+from gems.target_loss import TargetLoss
+
+
+def matmul_peak(size: int, dtype: torch.dtype, repeats: int = 7) -> float:
+    """Median GFLOP/s of ``size``^3 GEMMs in ``dtype`` (what one step's big matmuls can reach)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(times) / 1e9
+
+
+def study_batches(tokenizer, item_ids: list[int], batch: int, length: int, seed: int) -> dict:  # noqa: ANN001
+    """Left-unpadded prompts of ``length`` tokens ending in an item target, half per task."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for task, n in (("search", batch // 2), ("rec", batch - batch // 2)):
+        ids = torch.randint(100, 40_000, (n, length), generator=gen)
+        ids[:, -1] = torch.tensor(item_ids)[torch.randint(0, len(item_ids), (n,), generator=gen)]
+        labels = torch.full_like(ids, -100)
+        labels[:, -1] = ids[:, -1]
+        out[task] = [TaskBatch(ids, torch.ones_like(ids), labels)]
+    return out
+
+
+def step_flops(model: torch.nn.Module, batch: int, length: int) -> float:
+    """6 N T for the non-embedding weights plus the attention score/value products (fwd + bwd)."""
+    embed = model.get_input_embeddings().weight.numel()
+    n = sum(p.numel() for p in model.parameters()) - embed
+    cfg = model.config
+    attention = 6 * 2 * cfg.num_hidden_layers * batch * length * length * cfg.hidden_size
+    return 6.0 * n * batch * length + attention
+
+
+def time_steps(method, batches: dict, steps: int, dtype: torch.dtype | None, refresh_every: int) -> float:  # noqa: ANN001
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        method.train_step(batches, 1.0, dtype, measure_conflict=False)
+        if i > 0 and (i % refresh_every) != 0:  # the first step refreshes GEMS bases: timed apart
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--length", type=int, default=52, help="prompt tokens (study prompts: ~52)")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--t-svd", type=int, default=50)
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one step")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"load average before: {os.getloadavg()}  threads: {args.threads}")
+    model, tok = load_backbone(ModelConfig(name_or_path=args.model), _cache())
+    item_ids = add_item_tokens(model, tok, [(f"i{i}", f"office item {i}") for i in range(2420)])
+    size = max(model.config.hidden_size, model.config.intermediate_size)
+    peaks = {"fp32": matmul_peak(size * 2, torch.float32),
+             "bf16": matmul_peak(size * 2, torch.bfloat16)}
+    print(f"matmul peak ({size * 2}^3 GEMM): fp32 {peaks['fp32']:.1f} GFLOP/s, "
+          f"bf16 {peaks['bf16']:.1f} GFLOP/s")
+    batches = study_batches(tok, item_ids, args.batch, args.length, seed=0)
+    flops = step_flops(model, args.batch, args.length)
+    print(f"model FLOPs per step ({args.batch} x {args.length} tokens): {flops / 1e9:.1f} GFLOP")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = {}
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
+        for name in ("adamw", "gems"):
+            model.load_state_dict(base_state)
+            cfg = GEMSConfig(method=name, k=0, t_svd=args.t_svd)
+            method = build_method(model, cfg, 1e-5, item_token_ids=item_ids, loss="catalog")
+            assert isinstance(method.target_loss, TargetLoss)
+            if args.profile and name == "adamw" and precision == "bf16":
+                _profile(method, batches, dtype)
+            seconds = time_steps(method, batches, args.steps, dtype, refresh_every=args.t_svd)
+            results[(name, precision)] = seconds
+            mfu = flops / seconds / (peaks[precision] * 1e9)
+            print(f"{name:5s} {precision}: {seconds:.2f} s/step (median of {args.steps}), "
+                  f"{flops / seconds / 1e9:.1f} GFLOP/s, MFU {100 * mfu:.0f}% of the {precision} peak")
+    for precision in ("bf16", "fp32"):
+        ratio = results[("gems", precision)] / results[("adamw", precision)]
+        print(f"GEMS / AdamW whole step ({precision}, refresh excluded): {ratio:.2f}")
+    print(f"load average after: {os.getloadavg()}")
+
+
+def _profile(method, batches: dict, dtype: torch.dtype | None) -> None:  # noqa: ANN001
+    from torch.profiler import ProfilerActivity, profile
+
+    method.train_step(batches, 1.0, dtype, measure_conflict=False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        method.train_step(batches, 1.0, dtype, measure_conflict=False)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+def _cache():  # noqa: ANN202
+    from pathlib import Path
+
+    from gems.config import PROJECT_ROOT
+
+    return Path(PROJECT_ROOT) / ".state" / "cache" / "models"
+
+
+if __name__ == "__main__":
+    main()
