@@ -24,7 +24,9 @@ def collab_vectors_path(cfg: Config, shard_dir: Path) -> Path | None:
     """The cached vectors file for this run (fitting SASRec first if needed); None for title init."""
     if cfg.items.init == "title":
         return None
-    key = json.dumps({"data": read_manifest(shard_dir)["fingerprint"], "seed": cfg.train.seed,
+    manifest = read_manifest(shard_dir)
+    data = manifest.get("fingerprint") or json.dumps(manifest, sort_keys=True, default=str)
+    key = json.dumps({"data": data, "seed": cfg.train.seed,
                       "sasrec": cfg.sasrec.model_dump(mode="json"),
                       "mask_history_rec": cfg.eval.mask_history_rec}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -113,3 +114,19 @@ def test_resume_from_checkpoint_continues_exactly(uninterrupted: TrainOutcome, w
     out = run_training(_cfg(workdir), shards, run_name="resumed", resume_from=step3)
     assert [h["step"] for h in out.history] == [2, 3, 4, 6]  # history carried over from step 3
     assert out.parameter_digest == uninterrupted.parameter_digest
+
+
+def test_collab_item_init_and_learning_metrics(ray_cluster, workdir: Path, shards: Path) -> None:
+    """items.init=title+collab: SASRec vectors fitted once on the driver and cached; both ranks
+    start from the same rows (replicas identical); the window reports tokens, padding and the gate
+    range; the catalog loss starts near ln(catalog)."""
+    cfg = _cfg(workdir, "items.init=title+collab", "sasrec.max_epochs=3", "sasrec.patience=1",
+               "train.max_steps=2", "train.checkpoint_every=2")
+    out = run_training(cfg, shards, run_name="collab")
+    cached = list((workdir / "cache" / "item_vectors").glob("sasrec-*.safetensors"))
+    assert len(cached) == 1
+    assert out.metrics["train/replicas_identical"] == 1.0
+    first = out.history[0]
+    assert 0.0 <= first["train/padding_share"] < 1.0 and first["train/tokens_per_step"] > 0
+    assert first["train/gate_search_min"] <= first["train/gate_search"] <= first["train/gate_search_max"]
+    assert abs(first["train/loss"] - math.log(N_ITEMS)) < 1.5
