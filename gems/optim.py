@@ -43,7 +43,6 @@ from gems.gate import TASKS, TaskStats, task_gate
 from gems.nullspace import NullSpace
 from gems.subspace import (
     Side,
-    Subspace,
     basis_side,
     choose_svd,
     clamp_rank,
@@ -151,6 +150,7 @@ class GEMSAdamW(torch.optim.Optimizer):
             self.state[p].update(step=torch.tensor(0), exp_avg=torch.zeros_like(p, dtype=torch.float32),
                                  exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
         self._pending = _Pending()
+        self._stacked: dict[Tensor, Tensor] = {}
         self.last_report: StepReport | None = None
 
     @classmethod
@@ -228,10 +228,39 @@ class GEMSAdamW(torch.optim.Optimizer):
             return True
         return any(bool(v) for p in self._layers for k, v in self.state[p].items() if k.startswith("due_"))
 
-    def _coords(self, p: Tensor, s: str, g: Tensor) -> Tensor:
-        sub = Subspace(self.state[p][f"q_{s}"], self._layers[p].side)
+    def _stacked_basis(self, p: Tensor) -> Tensor:
+        """All of a weight's bases side by side (d x sum of ranks), with the null-space projection
+        folded in when it acts on the basis side (``P Q``): one matmul then gives every subspace's
+        coordinates of ``g P``, and back-projecting through it keeps updates out of span(U_k).
+        Cached until the next refresh or state load."""
+        cached = self._stacked.get(p)
+        if cached is None:
+            layer = self._layers[p]
+            q = torch.cat([self.state[p][f"q_{s}"] for s in layer.subspaces], dim=1)
+            ns = self._nullspace.get(p)
+            if ns is not None and self._same_side(layer, ns):
+                q = q - ns.u @ (ns.u.T @ q)
+            cached = self._stacked[p] = q
+        return cached
+
+    @staticmethod
+    def _same_side(layer: _Layer, ns: NullSpace) -> bool:
+        return (layer.side == "right") == (ns.side == "input")
+
+    def _split(self, layer: _Layer, stacked: Tensor) -> dict[str, Tensor]:
+        """Coordinates of the stacked basis -> per subspace (views, no copies)."""
+        dim = 0 if layer.side == "left" else 1
+        return dict(zip(layer.subspaces, stacked.split(list(layer.ranks.values()), dim=dim), strict=True))
+
+    def _all_coords(self, p: Tensor, g: Tensor) -> dict[str, Tensor]:
+        """Every subspace's coordinates of the projected gradient ``g P`` (or ``P g``), one matmul."""
+        layer = self._layers[p]
+        q = self._stacked_basis(p)
+        coords = q.T @ g if layer.side == "left" else g @ q
         ns = self._nullspace.get(p)
-        return sub.project(g) if ns is None else ns.coordinates(g, sub)
+        if ns is not None and not self._same_side(layer, ns):
+            coords = ns.apply(coords)  # P acts on the side the coordinates keep in full
+        return self._split(layer, coords)
 
     def capture_task_grad(self, task: str, keep_full: bool = False) -> None:
         """Take task ``task``'s (w-scaled) gradient from ``.grad`` of the target weights.
@@ -249,14 +278,14 @@ class GEMSAdamW(torch.optim.Optimizer):
         if first:
             pend.full = keep_full or self.refresh_due()
         with torch.no_grad():
-            for p, layer in self._layers.items():
+            for p in self._layers:
                 g = p.grad
                 if g is None:
                     continue
                 if pend.full:
                     self._capture_full(p, task, g)
                 else:
-                    total = {s: self._coords(p, s, g.float()) for s in layer.subspaces}
+                    total = self._all_coords(p, g.float())
                     before = pend.coords.setdefault(p, {})
                     earlier = [before[t] for t in pend.captured if t in before]
                     if earlier:  # .grad holds the earlier tasks' gradients too: subtract theirs
@@ -398,8 +427,7 @@ class GEMSAdamW(torch.optim.Optimizer):
                     self._refresh(p, layer, t, projected[t], orth)
                     refreshed = True
             del projected
-            pend.coords[p] = {t: {s: self._coords(p, s, g.float()) for s in layer.subspaces}
-                              for t, g in grads.items()}
+            pend.coords[p] = {t: self._all_coords(p, g.float()) for t, g in grads.items()}
         return refreshed, rhos
 
     def _protected_on_basis_side(self, p: Tensor, layer: _Layer) -> Tensor | None:
@@ -426,6 +454,7 @@ class GEMSAdamW(torch.optim.Optimizer):
             st[f"t_{s}"].zero_()
         st[f"q_{s}"].copy_(q_new)
         st[f"due_{s}"].fill_(False)
+        self._stacked.pop(p, None)
 
     def _task_grad_norms(self, present: list[str], weights: dict[str, float],
                          coef: float) -> dict[str, float]:
@@ -456,26 +485,42 @@ class GEMSAdamW(torch.optim.Optimizer):
         if not coords:
             return math.nan if measure else None
         shared_r = sum(c[SHARED] for t, c in coords.items() if t in present) * coef
-        direction = Subspace(st[f"q_{SHARED}"], layer.side).back(self._adam_direction(st, SHARED, shared_r))
-        task_updates: dict[str, Tensor] = {}
+        directions = {SHARED: self._adam_direction(st, SHARED, shared_r)}
+        scales = {SHARED: 1.0}
         for t in present:
             if t in layer.ranks and t in coords:
-                n_t = self._adam_direction(st, t, coords[t][t] * (coef / weights[t]))
-                task_updates[t] = Subspace(st[f"q_{t}"], layer.side).back(n_t)
-                direction = direction + gate[t] * task_updates[t]
-        update = self.cfg.alpha * direction
+                directions[t] = self._adam_direction(st, t, coords[t][t] * (coef / weights[t]))
+                scales[t] = gate[t]
+        task_directions = [t for t in TASKS if t in directions]
+        for s in layer.subspaces:  # a subspace without a direction this step contributes nothing
+            if s not in directions:
+                directions[s] = torch.zeros(layer.coord_shape(layer.ranks[s]), device=p.device)
+                scales[s] = 0.0
+        update = self.cfg.alpha * self._back_project(p, layer, {s: scales[s] * directions[s]
+                                                               for s in layer.subspaces})
+        ns = self._nullspace.get(p)
         if group["weight_decay"] > 0:
             update = update + group["weight_decay"] * p.float()
-        ns = self._nullspace.get(p)
-        if ns is not None:
-            update = ns.apply(update)
+            if ns is not None:
+                update = ns.apply(update)
         p.add_(update.to(p.dtype), alpha=-group["lr"])
         if not measure:
             return None
-        if len(task_updates) < 2:
+        if len(task_directions) < 2:
             return None  # no task-specific updates here (single-subspace ablation, rank 0)
-        a, b = task_updates["search"], task_updates["rec"]
-        return cosine(a, b) if ns is None else cosine(ns.apply(a), ns.apply(b))
+        alone = {t: self._back_project(p, layer, {s: d if s == t else torch.zeros_like(d)
+                                                  for s, d in directions.items()}) for t in task_directions}
+        return cosine(alone["search"], alone["rec"])
+
+    def _back_project(self, p: Tensor, layer: _Layer, coords: Mapping[str, Tensor]) -> Tensor:
+        """Sum over subspaces of ``Q_s N_s`` (or ``N_s Q_s^T``) in one matmul through the stacked basis,
+        projected so that the result has no component along U_k."""
+        stacked = torch.cat([coords[s] for s in layer.subspaces], dim=0 if layer.side == "left" else 1)
+        ns = self._nullspace.get(p)
+        if ns is not None and not self._same_side(layer, ns):
+            stacked = ns.apply(stacked)  # P on the full side, applied to the small coordinates
+        q = self._stacked_basis(p)
+        return q @ stacked if layer.side == "left" else stacked @ q.T
 
     def _adamw(self, p: Tensor, group: dict) -> None:
         st = self.state[p]
@@ -509,3 +554,4 @@ class GEMSAdamW(torch.optim.Optimizer):
             if p in self._layers and "nullspace" in st:
                 self._nullspace[p] = NullSpace(st["nullspace"], self.cfg.nullspace_side)
         self._pending = _Pending()
+        self._stacked = {}
