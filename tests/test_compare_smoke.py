@@ -17,7 +17,7 @@ from tune.compare import expected_metrics
 from tune.compare_methods import parse_methods, parse_seeds
 from tune.compare_results import COLUMNS, RANKING_METRICS, RETENTION
 
-ALL_METHODS = "gems,adamw,lora,galore,popularity,bm25"
+ALL_METHODS = "gems,adamw,lora,galore,popularity,bm25,sasrec,sasrec-bm25"
 
 
 # --------------------------------------------------------------------------- parsing (fast)
@@ -128,9 +128,9 @@ def test_readable_table_timings_and_plots(study: tuple[Path, Path, str]) -> None
         assert f"| {label} |" in md
     assert "Command: `python pipelines/compare.py --smoke-test" in md
     timings = pl.read_csv(out / "timings.csv")
-    llm = timings.filter(pl.col("steps") > 0)
-    assert sorted(llm["method"].to_list()) == ["adamw", "galore", "gems", "lora"]
-    assert (llm["train_s"] > 0).all()
+    trained = timings.filter(pl.col("steps") > 0)
+    assert sorted(trained["method"].to_list()) == ["adamw", "galore", "gems", "lora", "sasrec", "sasrec-bm25"]
+    assert (trained["train_s"] > 0).all()
     for name in ("ndcg10_full.png", "ndcg10_sampled.png", "retention.png", "conflict.png"):
         assert (out / name).stat().st_size > 1000, name
 
