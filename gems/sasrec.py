@@ -14,7 +14,8 @@ score the whole catalog.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import polars as pl
@@ -23,6 +24,19 @@ from torch import nn
 
 from gems.metrics import TASKS
 from gems.sasrec_config import SASRecConfig
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (None = unchanged), then restore."""
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 class SASRec(nn.Module):
@@ -134,8 +148,9 @@ def score_examples(model: SASRec, examples: pl.DataFrame, batch_size: int = 512)
     model.eval()
     try:
         batch = encode_examples(examples, model)
-        parts = [model(batch.select(torch.arange(s, min(s + batch_size, len(batch)))))
-                 for s in range(0, len(batch), batch_size)]
+        with torch_threads(model.cfg.threads):
+            parts = [model(batch.select(torch.arange(s, min(s + batch_size, len(batch)))))
+                     for s in range(0, len(batch), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(parts) if parts else torch.zeros(0, model.n_items)

@@ -37,6 +37,11 @@ class SASRecConfig(BaseModel):
     seed: int = Field(0, ge=0, description="Seed of initialisation, shuffling and dropout for "
                       "standalone fits; the comparison uses each study seed instead (as it does "
                       "for train.seed).")
+    threads: int | None = Field(1, ge=1, le=1024, description="torch intra-op threads while "
+                                "SASRec trains and scores (restored afterwards); None = leave the "
+                                "process setting. Its ops are tiny: on the shared 2-core machine 3 "
+                                "Amazon Office epochs took 4.6-6.1 s on 1 thread and 149-361 s on 2 "
+                                "(threads waiting on each other while the other core was busy).")
     search_fusion_weight: float | None = Field(
         None, ge=0, le=1, description="sasrec-bm25: search score = (1 - w) * z(SASRec) + w * "
         "z(BM25), z-scored per example over the catalog; None = the w in fusion_grid with the "

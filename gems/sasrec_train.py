@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from gems.metrics import TASKS, full_catalog_ranks, history_exclusion_mask, ranking_metrics
-from gems.sasrec import SASRec, SequenceBatch, encode_examples, score_examples
+from gems.sasrec import SASRec, SequenceBatch, encode_examples, score_examples, torch_threads
 from gems.sasrec_config import SASRecConfig
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def fit_sasrec(train: pl.DataFrame, val: pl.DataFrame | None, item_ids: Sequence
         raise ValueError("no training rows for SASRec")
     seed = cfg.seed if seed is None else seed
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch_threads(cfg.threads):
         torch.manual_seed(seed)
         model = SASRec(item_ids, cfg)
         data = encode_examples(train, model, with_targets=True)

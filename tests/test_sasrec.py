@@ -4,7 +4,6 @@ BM25 as documented, runs through the comparison's evaluation path; item vectors 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -29,15 +28,6 @@ from gems.sasrec_vectors import (
 ITEMS = [f"i{n}" for n in range(30)]
 FAST = SASRecConfig(hidden=32, blocks=2, heads=2, dropout=0.0, lr=1e-2, batch_size=8, max_len=8,
                     max_epochs=60, patience=5)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These models are tiny: a second OpenMP thread only waits on the busy shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _rows(histories: list[list[str]], targets: list[str], tasks: list[str] | None = None,
@@ -109,6 +99,22 @@ def test_same_seed_same_scores_other_seed_other_scores() -> None:
     a, b, c = (score_examples(fit_sasrec(train, val, ITEMS, cfg, seed=s).model, val) for s in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+
+
+def test_trains_on_its_own_thread_count_and_restores_the_callers() -> None:
+    before = torch.get_num_threads()
+    seen = []
+    torch.set_num_threads(2)
+    try:
+        model = SASRec(ITEMS, FAST.model_copy(update={"threads": 1}))
+        handle = model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+        score_examples(model, _sequences(3))
+        handle.remove()
+        assert seen == [1] and torch.get_num_threads() == 2
+        fit_sasrec(_sequences(5), None, ITEMS, FAST.model_copy(update={"max_epochs": 1, "threads": None}))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_item_vectors_follow_the_catalog_order() -> None:
