@@ -77,6 +77,14 @@ def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
     return None
 
 
+def _adamw(params: list[nn.Parameter], lr: float, cfg: GEMSConfig) -> torch.optim.AdamW:
+    """torch's AdamW, fused (one pass per tensor) where every parameter allows it."""
+    fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda")
+                for p in params) or None
+    return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             fused=fused)
+
+
 def _lora(model: nn.Module, cfg: GEMSConfig, item_token_ids: Sequence[int] | None) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -126,14 +134,12 @@ def _build(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mapping[str
         return Method("gems", model, optimizer)
     if method == "adamw":
         named = _named_trainable(model)
-        optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, betas=gems_cfg.betas, eps=gems_cfg.eps,
-                                      weight_decay=gems_cfg.weight_decay)
+        optimizer = _adamw([p for _, p in named], lr, gems_cfg)
         return Method("adamw", model, optimizer, {n: p for n, p in named if n in targets})
     if method == "lora":
         wrapped = _lora(model, gems_cfg, item_token_ids)
         named = _named_trainable(wrapped)
-        optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, betas=gems_cfg.betas, eps=gems_cfg.eps,
-                                      weight_decay=gems_cfg.weight_decay)
+        optimizer = _adamw([p for _, p in named], lr, gems_cfg)
         return Method("lora", wrapped, optimizer, {n: p for n, p in named if "lora_" in n})
     if method == "galore":
         from galore_torch import GaLoreAdamW
