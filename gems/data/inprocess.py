@@ -11,7 +11,14 @@ from typing import Any
 import polars as pl
 
 from gems.config import Config
-from gems.data.plan import finalize, prepare, process_bucket, user_subset, validate_file
+from gems.data.plan import (
+    check_output_dir,
+    finalize,
+    prepare,
+    process_bucket,
+    user_subset,
+    validate_file,
+)
 from gems.data.schema import QUARANTINE_BUCKET
 from gems.data.shards import staging_dir_for
 
@@ -20,6 +27,7 @@ def preprocess_inprocess(cfg: Config, out_dir: str | Path | None = None) -> dict
     """Raw logs -> shards + manifest under ``out_dir`` (default: cfg.data.output_dir); returns the
     manifest."""
     out = Path(out_dir) if out_dir is not None else cfg.resolve(cfg.data.output_dir)
+    check_output_dir(out)
     work = staging_dir_for(out)
     try:
         prepared = prepare(cfg, work)

@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,14 @@ import polars as pl
 
 from gems.config import Config
 from gems.data.amazon import convert_amazon
-from gems.data.events import AdapterOutput, FileSpec, InputError, count_rows, list_input_files, read_raw
+from gems.data.events import (
+    AdapterOutput,
+    FileSpec,
+    InputError,
+    count_rows,
+    read_raw,
+    scan_input_files,
+)
 from gems.data.qilin import convert_qilin
 from gems.data.schema import ITEM_FIELDS, ITEM_QUARANTINE_SCHEMA, SPLITS, TASKS, Reason, conform
 from gems.data.sequences import SequenceParams, build_bucket
@@ -50,6 +59,11 @@ class AccountingError(RuntimeError):
     """rows_in != valid + quarantined + deduplicated: a row was lost or counted twice (a bug)."""
 
 
+class NoExamplesError(InputError):
+    """The input gave no example at all (typically: every row quarantined). The message carries the
+    accounting and the quarantine summary, so the caller can show why without opening files."""
+
+
 @dataclass
 class Prepared:
     """Everything the parallel stages need, as plain picklable data."""
@@ -65,6 +79,7 @@ class Prepared:
     sequence: SequenceParams
     inputs: dict[str, Any]
     adapter: dict[str, Any] = field(default_factory=dict)
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
 
 
 def _write_adapter_output(out: AdapterOutput, work_dir: Path) -> tuple[Path, Path]:
@@ -103,9 +118,9 @@ def _resolve_sources(cfg: Config, work_dir: Path) -> tuple[Path, Path, dict[str,
     return events, items, {d.source: converted.stats}
 
 
-def _read_items(path: Path) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+def _read_items(specs: list[FileSpec]) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     raws, rows_in = [], 0
-    for spec in list_input_files(path, "items"):
+    for spec in specs:
         raw, original = read_raw(spec, ITEM_FIELDS)
         rows_in += count_rows(spec)
         raws.append(raw)
@@ -121,23 +136,93 @@ def item_entries(items: pl.DataFrame, title_max_words: int) -> pl.DataFrame:
                         schema={"item_id": pl.String, "entry": pl.String})
 
 
+def check_output_dir(out: str | Path) -> None:
+    """Fail now, naming the path, if the output could not be published at the end: a run used to
+    find out only after all its work. Probes for real (creates and removes a sibling directory,
+    which is what publishing does), since permission bits alone miss read-only mounts and root."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"data.output_dir {out} exists and is not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.probe-{uuid.uuid4().hex[:12]}"
+        probe.mkdir()
+        (probe / "x").write_bytes(b"")
+        shutil.rmtree(probe)
+    except OSError as err:
+        raise InputError(f"data.output_dir {out}: cannot write beside it in {out.parent} "
+                         f"({err.strerror or err})") from None
+    if out.exists() and not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"data.output_dir {out} exists and is not writable, so it cannot be "
+                         "replaced; choose another data.output_dir or fix its permissions")
+
+
+def check_inputs(cfg: Config) -> None:
+    """The cheap checks, before Ray starts: every input path exists and holds readable files (not
+    only empty ones), and the output can be written. Adapters' inputs are checked by converting."""
+    d = cfg.data
+    if d.source != "synthetic":
+        if d.path is None:
+            raise InputError(f"data.path is required for data.source={d.source}")
+        if not cfg.resolve(d.path).exists():
+            raise InputError(f"data.path does not exist: {cfg.resolve(d.path)}")
+    if d.source == "events":
+        if d.items_path is None:
+            raise InputError("data.items_path is required for data.source=events")
+        if not cfg.resolve(d.items_path).exists():
+            raise InputError(f"data.items_path does not exist: {cfg.resolve(d.items_path)}")
+        files = scan_input_files(cfg.resolve(d.path), "events").files
+        scan_input_files(cfg.resolve(d.items_path), "items")
+        if not any(_may_hold_rows(s) for s in files):
+            raise _empty_input(cfg.resolve(d.path), len(files))
+    check_output_dir(cfg.resolve(d.output_dir))
+
+
+def _may_hold_rows(spec: FileSpec, peek: int = 1 << 16) -> bool:
+    """False for a file that surely holds no row (empty, or a short plain JSONL of blank lines);
+    cheap, so it runs before Ray starts. ``prepare`` counts every row exactly later."""
+    size = Path(spec.path).stat().st_size
+    if size == 0:
+        return False
+    if spec.fmt == "jsonl" and spec.compression is None and size <= peek:
+        return bool(Path(spec.path).read_bytes().strip())
+    return True
+
+
+def _empty_input(path: Path, n_files: int) -> InputError:
+    return InputError(f"events input {path}: its {n_files} file(s) hold no rows (all empty); "
+                      "nothing to preprocess")
+
+
 def prepare(cfg: Config, work_dir: str | Path) -> Prepared:
     """Resolve and check all inputs (no Ray needed); ``work_dir`` receives converted sources."""
     work_dir = Path(work_dir)
     events_path, items_path, adapter = _resolve_sources(cfg, work_dir)
-    files = list_input_files(events_path, "events")
-    items, items_quarantine, items_rows_in = _read_items(items_path)
+    events = scan_input_files(events_path, "events")
+    item_files = scan_input_files(items_path, "items")
+    skipped = events.skipped + item_files.skipped
+    for s in skipped:
+        log.warning("%s input %s: skipped, %s", s["what"], s["path"], s["why"])
+    files = events.files
+    rows_in = sum(count_rows(s) for s in files)
+    if rows_in == 0:
+        raise _empty_input(events_path, len(files))
+    items, items_quarantine, items_rows_in = _read_items(item_files.files)
     d = cfg.data
+    if d.source in ("qilin", "amazon"):  # the converted copy is temporary: name the real source
+        inputs = {"events": str(cfg.resolve(d.path)), "items": str(cfg.resolve(d.path)),
+                  "converted_by": f"gems.data.{d.source}", "files": len(files)}
+    else:
+        inputs = {"events": str(events_path), "items": str(items_path), "files": len(files)}
     return Prepared(
-        source=d.source, event_files=files, rows_in=sum(count_rows(s) for s in files),
+        source=d.source, event_files=files, rows_in=rows_in,
         items=items, items_quarantine=items_quarantine, items_rows_in=items_rows_in,
         entries=item_entries(items, d.title_max_words),
         validation=ValidationParams(now_ts=d.now_ts if d.now_ts is not None else int(time.time()),
                                     future_ts_tolerance_s=d.future_ts_tolerance_s,
                                     query_max_chars=d.query_max_chars, num_buckets=d.num_buckets),
         sequence=SequenceParams(d.history_len, d.split_mode, d.cut_day),
-        inputs={"events": str(events_path), "items": str(items_path), "files": len(files)},
-        adapter=adapter,
+        inputs=inputs, adapter=adapter, skipped_files=skipped,
     )
 
 
@@ -161,6 +246,7 @@ def process_bucket(staged: pl.DataFrame, entries: pl.DataFrame, params: Sequence
                    out_dir: str | Path, bucket: int, users: pl.Series | None = None) -> dict[str, Any]:
     """One bucket's valid rows -> shard files under ``out_dir``; returns its counts."""
     excluded = 0
+    outside = _outside_partition(staged)
     if users is not None:
         keep = staged["user_id"].is_in(users.implode())
         excluded = int((~keep).sum())
@@ -169,8 +255,17 @@ def process_bucket(staged: pl.DataFrame, entries: pl.DataFrame, params: Sequence
     write_bucket(result, out_dir, bucket)
     result.stats["bucket"] = bucket
     result.stats["rows_outside_user_subset"] = excluded
+    result.stats["ts_outside_partition"] = outside
     result.stats["rows_valid"] += excluded
     return result.stats
+
+
+def _outside_partition(staged: pl.DataFrame) -> int:
+    """Valid rows of a ``dt=`` partition whose ts falls on another (UTC) day: late or early
+    arrivals, or a mislabelled partition. Counted, not quarantined (the ts is the truth for
+    ordering; the partition only says when the row was delivered)."""
+    day = pl.from_epoch(pl.col("ts"), time_unit="s").dt.date().cast(pl.String)
+    return int(staged.select((pl.col("dt").is_not_null() & (day != pl.col("dt"))).sum()).item())
 
 
 def _sum_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -191,6 +286,20 @@ def _sum_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
                 total[key] = total.get(key, 0) + value
     total["days"] = sorted(total["days"])
     return total
+
+
+def _no_examples_message(accounting: dict[str, Any], by_reason: dict[str, int],
+                         quarantined: pl.DataFrame, shown: int = 5) -> str:
+    lines = [f"no examples: {accounting['rows_in']} rows in, {accounting['rows_valid']} valid "
+             f"({accounting['clicked']} clicked), {accounting['rows_quarantined']} quarantined, "
+             f"{accounting['rows_deduplicated']} duplicates"]
+    if by_reason:
+        lines.append("quarantined by reason: " + ", ".join(f"{r}={n}" for r, n in by_reason.items()))
+        first = quarantined.sort("source_file", "source_row").head(shown)
+        for f, row, reason, detail in first.select("source_file", "source_row", "reason",
+                                                   "detail").iter_rows():
+            lines.append(f"  {f}:{row} {reason}" + (f" ({detail})" if detail else ""))
+    return "\n".join(lines)
 
 
 def finalize(cfg: Config, prepared: Prepared, quarantined: pl.DataFrame, bucket_stats: list[dict[str, Any]],
@@ -214,6 +323,9 @@ def finalize(cfg: Config, prepared: Prepared, quarantined: pl.DataFrame, bucket_
     if prepared.items_rows_in != prepared.items.height + items_q.height:
         raise AccountingError(f"items: rows_in={prepared.items_rows_in} but valid "
                               f"{prepared.items.height} + quarantined {items_q.height}")
+    examples = sum(n for by_task in t["examples"].values() for n in by_task.values())
+    if examples == 0:
+        raise NoExamplesError(_no_examples_message(accounting, by_reason, quarantined))
     shutil.rmtree(work_dir / SOURCE_DIR, ignore_errors=True)
     hashes = file_hashes(work_dir)
     manifest = {
@@ -221,7 +333,7 @@ def finalize(cfg: Config, prepared: Prepared, quarantined: pl.DataFrame, bucket_
         "source": prepared.source,
         "inputs": prepared.inputs,
         "counts": t["examples"],
-        "examples": sum(n for by_task in t["examples"].values() for n in by_task.values()),
+        "examples": examples,
         "examples_detail": {k: t.get(k, 0) for k in ("examples_empty_history", "examples_after_cut",
                                                       "negatives_attached")},
         "accounting": accounting,
@@ -234,7 +346,9 @@ def finalize(cfg: Config, prepared: Prepared, quarantined: pl.DataFrame, bucket_
                   if items_q.height else {}},
         "users": t.get("users", 0),
         "watermark": {"partitions": sorted({s.dt for s in prepared.event_files if s.dt}),
-                      "event_days": t["days"], "max_ts": t["max_ts"]},
+                      "event_days": t["days"], "max_ts": t["max_ts"],
+                      "ts_outside_partition": t.get("ts_outside_partition", 0)},
+        "skipped_files": prepared.skipped_files,
         "now_ts": prepared.validation.now_ts,
         "adapter": prepared.adapter,
         "fingerprint": fingerprint(hashes),

@@ -40,11 +40,15 @@ class Reason(StrEnum):
     ``source_error`` value)."""
 
     MALFORMED_JSON = "malformed_json"
+    TOO_DEEPLY_NESTED = "too_deeply_nested"
+    DUPLICATE_KEY = "duplicate_key"
     INVALID_UTF8 = "invalid_utf8"
     WRONG_TYPE = "wrong_type"
+    CONTROL_CHAR_IN_ID = "control_char_in_id"
     MISSING_USER_ID = "missing_user_id"
     UNKNOWN_TASK = "unknown_task"
     MISSING_TS = "missing_ts"
+    TS_OUT_OF_RANGE = "ts_out_of_range"
     UNPARSABLE_TS = "unparsable_ts"
     NEGATIVE_TS = "negative_ts"
     TS_IN_FUTURE = "ts_in_future"
@@ -158,6 +162,14 @@ SHARD_SCHEMA: dict[str, pl.DataType] = {
 
 RAW_TEXT_MAX_CHARS = 4096
 """Quarantine keeps at most this much of an offending raw line (a 1 MB line stays inspectable)."""
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays/objects a JSON line (or a Parquet column type) may have. Contract
+fields are flat; this bounds what an ignored extra field may hold, so no parser or Arrow/polars
+conversion ever recurses deeply (1,000 nested ``[`` crashed polars' Arrow import)."""
+
+TS_MIN, TS_MAX = -(2**63), 2**63 - 1
+"""A timestamp must fit int64 unix seconds; anything outside is ``ts_out_of_range``."""
 
 
 def empty_frame(schema: dict[str, pl.DataType]) -> pl.DataFrame:

@@ -29,8 +29,15 @@ import pyarrow as pa
 import ray
 
 from gems.config import Config
-from gems.data.events import FileSpec
-from gems.data.plan import finalize, prepare, process_bucket, user_subset, validate_file
+from gems.data.events import FileSpec, InputError
+from gems.data.plan import (
+    check_output_dir,
+    finalize,
+    prepare,
+    process_bucket,
+    user_subset,
+    validate_file,
+)
 from gems.data.schema import QUARANTINE_BUCKET, STAGED_SCHEMA, conform, empty_frame
 from gems.data.sequences import SequenceParams
 from gems.data.shards import staging_dir_for
@@ -38,6 +45,27 @@ from gems.data.validate import ValidationParams
 
 log = logging.getLogger("gems.data")
 STAGING = "_staging"
+MAX_RETRIES = 2
+"""Retries of a preprocessing task whose worker died (Ray Data's default, -1, retries forever: an
+input that crashed a worker hung the job). Input problems are quarantined before any parser sees
+them, so a repeated crash is a bug to surface, not to retry."""
+RETRIES: dict[str, Any] = {"max_retries": MAX_RETRIES}
+
+
+def input_error_in(err: BaseException) -> InputError | None:
+    """The InputError a Ray task raised, found in the chain Ray Data wraps it in (RayTaskError ->
+    UserCodeException -> the UDF's exception), so the driver can report it like a local one."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, InputError) and not isinstance(e, ray.exceptions.RayError):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
 
 
 def _arrow(df: pl.DataFrame) -> pa.Table:
@@ -81,7 +109,12 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
     manifest. Missing inputs fail before any Ray work; Ray is initialised by the caller (or, if not,
     by Ray Data with its defaults)."""
     out = cfg.resolve(cfg.data.output_dir)
+    check_output_dir(out)
     work = staging_dir_for(out)
+    # a task's own exception (an InputError naming its file) reaches the driver as that class
+    data_context = ray.data.DataContext.get_current()
+    wrap_errors = data_context.raise_original_map_exception
+    data_context.raise_original_map_exception = True
     try:
         prepared = prepare(cfg, work)
         staging = work / STAGING
@@ -93,8 +126,8 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
         (files.map_batches(_validate_files, batch_size=1, batch_format="pyarrow", num_cpus=1,
                            compute=_tasks(concurrency, len(prepared.event_files)),
                            fn_kwargs={"item_ids": ray.put(prepared.items["item_id"].to_arrow()),
-                                      "params": prepared.validation})
-         .write_parquet(str(staging), partition_cols=["bucket"]))
+                                      "params": prepared.validation}, **RETRIES)
+         .write_parquet(str(staging), partition_cols=["bucket"], ray_remote_args=dict(RETRIES)))
 
         dirs = _bucket_dirs(staging)
         quarantine_dir = dirs.pop(QUARANTINE_BUCKET, None)
@@ -113,11 +146,16 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
                 _build_buckets, batch_size=1, batch_format="pyarrow", num_cpus=1,
                 compute=_tasks(concurrency, len(dirs)),
                 fn_kwargs={"entries": ray.put(prepared.entries.to_arrow()), "params": prepared.sequence,
-                           "out_dir": str(work), "users": users},
+                           "out_dir": str(work), "users": users}, **RETRIES,
             ).take_all()
             stats = [json.loads(r["stats"]) for r in rows]
-        shutil.rmtree(staging)
+        shutil.rmtree(staging, ignore_errors=True)  # absent when no row reached it
         return finalize(cfg, prepared, quarantined, stats, work, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(work, ignore_errors=True)
+        cause = input_error_in(err)
+        if cause is not None and cause is not err:  # raised in a Ray task, e.g. a Parquet file
+            raise type(cause)(*cause.args) from None  # whose data pages are damaged (footer fine)
         raise
+    finally:
+        data_context.raise_original_map_exception = wrap_errors
