@@ -255,9 +255,15 @@ def read_raw(spec: FileSpec, fields: dict[str, FieldKind] = EVENT_FIELDS
     if spec.fmt == "parquet":
         table = read_parquet(spec, fields)  # _lineno keeps the height when no contract column exists
         raw = type_columns(table, fields).with_columns(table["_lineno"].alias("source_row"))
-        original: pl.DataFrame | None = table.drop("_lineno")
-    else:
-        raw = type_json_lines(_nonblank_lines(read_bytes(spec)), fields)
-        original = None
-    raw = raw.with_columns(pl.lit(spec.rel).alias("source_file"), pl.lit(spec.dt).alias("dt"))
-    return conform(raw, raw_schema(fields)), original
+        original = table.drop("_lineno")
+        raw = raw.with_columns(pl.lit(spec.rel).alias("source_file"), pl.lit(spec.dt).alias("dt"))
+        return conform(raw, raw_schema(fields)), original
+    return raw_from_jsonl(read_bytes(spec), spec.rel, spec.dt, fields), None
+
+
+def raw_from_jsonl(data: bytes, rel: str, dt: str | None,
+                   fields: dict[str, FieldKind] = EVENT_FIELDS) -> pl.DataFrame:
+    """A JSONL file's bytes -> raw rows, one verdict per non-blank line."""
+    raw = type_json_lines(_nonblank_lines(data), fields)
+    raw = raw.with_columns(pl.lit(rel).alias("source_file"), pl.lit(dt).alias("dt"))
+    return conform(raw, raw_schema(fields))

@@ -118,8 +118,9 @@ def type_columns(df: pl.DataFrame, fields: dict[str, FieldKind]) -> pl.DataFrame
             out.append(expr.alias(name))
         if bad is not None:
             wrong.append(pl.when(bad).then(pl.lit(_wrong(name, _EXPECTED[kind], dtype))))
-    source_error = (pl.col(SOURCE_ERROR_COLUMN).cast(pl.String) if SOURCE_ERROR_COLUMN in df.columns
-                    else pl.lit(None, pl.String))
+    source_error = (pl.col(SOURCE_ERROR_COLUMN).cast(pl.String, strict=False).str.strip_chars()
+                    if SOURCE_ERROR_COLUMN in df.columns else pl.lit(None, pl.String))
+    source_error = pl.when(source_error != "").then(source_error)  # blank = no error
     detail = pl.coalesce(wrong) if wrong else pl.lit(None, pl.String)
     # the row index keeps literal-only selections at the table's height
     typed = df.with_row_index("_row").select(
@@ -276,8 +277,8 @@ def type_json_line(line: bytes, fields: dict[str, FieldKind]
         if err_detail and detail is None:
             reason, detail = Reason.WRONG_TYPE, err_detail
     source_error = obj.get(SOURCE_ERROR_COLUMN)
-    if reason is None and isinstance(source_error, str) and source_error:
-        reason = source_error
+    if reason is None and isinstance(source_error, str) and source_error.strip():
+        reason = source_error.strip()
     return typed, reason, detail, text
 
 
