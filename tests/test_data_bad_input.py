@@ -364,3 +364,44 @@ def test_output_check_refuses_an_unwritable_existing_directory(tmp_path: Path, m
 def test_check_inputs_passes_good_inputs(tmp_path: Path) -> None:
     (_day(tmp_path) / "a.jsonl").write_bytes(_rows("a"))
     check_inputs(_cfg(tmp_path))
+
+
+class _LocalDataset:
+    """Just enough of a Ray Dataset to run the preprocessing stages in this process and record the
+    options each Ray Data call gets (tests/test_data_pipeline.py runs them on real Ray)."""
+
+    def __init__(self, rows: list[dict[str, Any]], calls: list[tuple[str, dict[str, Any]]]) -> None:
+        self.rows, self.calls = rows, calls
+
+    def map_batches(self, fn, *, fn_kwargs: dict[str, Any], **options: Any) -> _LocalDataset:
+        self.calls.append(("map_batches", options))
+        out = [r for row in self.rows for r in fn(pa.Table.from_pylist([row]), **fn_kwargs).to_pylist()]
+        return _LocalDataset(out, self.calls)
+
+    def write_parquet(self, path: str, *, partition_cols: list[str], **options: Any) -> None:
+        self.calls.append(("write_parquet", options))
+        if self.rows:
+            pl.DataFrame(self.rows).write_parquet(path, partition_by=partition_cols)
+
+    def take_all(self) -> list[dict[str, Any]]:
+        return self.rows
+
+
+def test_every_ray_data_call_of_preprocessing_has_bounded_retries(tmp_path: Path, monkeypatch) -> None:
+    """Ray Data retries a task whose worker died forever by default (max_retries=-1): a crashing
+    input hung the job for good (issue 12, item 2)."""
+    import ray
+
+    from pipelines.stages import preprocess as stage
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no Ray")))
+    monkeypatch.setattr(ray, "put", lambda value: value)
+    monkeypatch.setattr(ray.data, "from_items", lambda rows, **k: _LocalDataset(list(rows), calls))
+    (_day(tmp_path) / "a.jsonl").write_bytes(_rows("a", "b") + b"not json\n")
+    manifest = stage.run_preprocess(_cfg(tmp_path))
+    assert manifest["accounting"]["rows_quarantined"] == 1 and manifest["examples"] == 2
+    assert [name for name, _ in calls] == ["map_batches", "write_parquet", "map_batches"]
+    for name, options in calls:
+        retries = options.get("max_retries", options.get("ray_remote_args", {}).get("max_retries"))
+        assert retries is not None and 0 <= retries <= 3, (name, options)
