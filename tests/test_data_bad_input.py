@@ -219,6 +219,21 @@ def setup_corrupt_parquet(day: Path) -> None:
     (day / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file at all PAR1")
 
 
+def damage_data_pages(path: Path) -> None:
+    """Overwrite everything between the magic bytes and the footer: the row count still reads."""
+    data = bytearray(path.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little")
+    data[4:len(data) - 8 - footer] = b"Z" * (len(data) - 12 - footer)
+    path.write_bytes(bytes(data))
+
+
+def setup_damaged_parquet_pages(day: Path) -> None:
+    (day / "a.jsonl").write_bytes(_rows("a"))
+    pl.DataFrame({"user_id": ["b", "c"], "ts": [1740787200] * 2, "task": ["rec"] * 2,
+                  "item_id": ["i1"] * 2}).write_parquet(day / "pages.parquet")
+    damage_data_pages(day / "pages.parquet")
+
+
 def setup_truncated_gzip(day: Path) -> None:
     (day / "a.jsonl").write_bytes(_rows("a"))
     (day / "cut.jsonl.gz").write_bytes(gzip.compress(_rows("b", "c") * 50)[:40])
@@ -243,6 +258,8 @@ BAD_RUNS: list[tuple[str, Callable[[Path], None], tuple[str, ...], Any]] = [
      {"rows_in": 4, "skipped": ["dt=2025-03-01/notes.csv"]}),
     ("only empty files", setup_only_empty_files, (), (InputError, r"hold no rows \(all empty\)")),
     ("corrupt Parquet file", setup_corrupt_parquet, (), (InputError, r"broken\.parquet: unreadable Parquet")),
+    ("Parquet with damaged data pages", setup_damaged_parquet_pages, (),
+     (InputError, r"pages\.parquet: unreadable Parquet")),
     ("truncated gzip", setup_truncated_gzip, (), (InputError, r"cut\.jsonl\.gz: cannot read gzip")),
     ("every row quarantined", setup_all_quarantined, (),
      (NoExamplesError, r"(?s)no examples: 3 rows in, 0 valid.*malformed_json=1, ts_out_of_range=1, "

@@ -151,3 +151,53 @@ def test_cli_smoke_test_and_input_errors(tmp_path: Path, capsys) -> None:
                             "data.source=events", "--set", "data.path=missing", "--set",
                             "data.items_path=missing"])
     assert code == 2 and "data.path does not exist" in capsys.readouterr().err
+
+
+def test_issue_12_inputs_on_ray_end_in_quarantine_or_a_named_error(tmp_path: Path) -> None:
+    """The inputs that crashed or hung the Ray Data job (issue 12): deep nesting in an ignored field
+    (segfaulted polars inside a worker, retried forever), a ts of 1e30 and one >= 2**63 (Int128
+    crash), a float id among integer ids, a BOM, a gzip/zstd file and a csv beside the events."""
+    import gzip
+
+    from test_data_bad_input import _cfg, _day, _rows, _zstd
+
+    day = _day(tmp_path)
+    deep = b"[" * 1000 + b"]" * 1000
+    (day / "a.jsonl").write_bytes(
+        b'{"user_id":"a","ts":1740787200,"task":"rec","item_id":"i1","x":' + deep + b"}\n"
+        b'{"user_id":"a","ts":"1e30","task":"rec","item_id":"i1"}\n'
+        b'{"user_id":"a","ts":9223372036854775808,"task":"rec","item_id":"i1"}\n'
+        b'{"user_id":1,"ts":1740787200,"task":"rec","item_id":"i1"}\n'
+        b'{"user_id":2.5,"ts":1740787200,"task":"rec","item_id":"i1"}\n'
+        b'\xef\xbb\xbf{"user_id":"b","ts":1740787200,"task":"rec","item_id":"i2"}\n')
+    (day / "b.jsonl.gz").write_bytes(gzip.compress(_rows("c")))
+    (day / "c.jsonl.zst").write_bytes(_zstd(_rows("d")))
+    (day / "notes.csv").write_text("x\n")
+    manifest = run_preprocess(_cfg(tmp_path))
+    assert manifest["quarantine"] == {"too_deeply_nested": 1, "ts_out_of_range": 2, "wrong_type": 1}
+    assert manifest["accounting"]["rows_in"] == 8 and manifest["examples"] == 4
+    assert [s["path"] for s in manifest["skipped_files"]] == ["dt=2025-03-01/notes.csv"]
+
+
+def test_all_quarantined_and_damaged_parquet_fail_with_named_errors_on_ray(tmp_path: Path) -> None:
+    """A damaged Parquet data page is found inside a Ray task: the driver still raises the
+    InputError naming the file (not a wrapped traceback); an all-quarantined input raises
+    NoExamplesError with the summary instead of publishing 0 examples."""
+    from test_data_bad_input import (
+        _cfg,
+        _day,
+        setup_all_quarantined,
+        setup_damaged_parquet_pages,
+    )
+
+    from gems.data.events import InputError
+    from gems.data.plan import NoExamplesError
+
+    first, second = tmp_path / "one", tmp_path / "two"
+    setup_damaged_parquet_pages(_day(first))
+    with pytest.raises(InputError, match=r"pages\.parquet: unreadable Parquet"):
+        run_preprocess(_cfg(first))
+    setup_all_quarantined(_day(second))
+    with pytest.raises(NoExamplesError, match="ts_out_of_range=1"):
+        run_preprocess(_cfg(second))
+    assert not (second / "out").exists()

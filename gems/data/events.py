@@ -115,7 +115,9 @@ class InputListing:
 
 
 def _unsupported(name: str) -> str:
-    return f"unsupported file type (read: {', '.join(SUPPORTED)})"
+    kind = Path(name).suffix or "without a suffix"
+    return (f"unsupported file type {kind} (read: {'/'.join(JSON_SUFFIXES)} JSONL, plain or "
+            f"{'/'.join(COMPRESSION_SUFFIXES)}, and {'/'.join(PARQUET_SUFFIXES)} Parquet)")
 
 
 def scan_input_files(path: str | Path, what: str = "events") -> InputListing:
@@ -145,7 +147,8 @@ def scan_input_files(path: str | Path, what: str = "events") -> InputListing:
             specs.append(FileSpec(str(p), rel.as_posix(), _partition_of(rel, root), kind[0], kind[1]))
     if not specs:
         others = f" (skipped: {', '.join(s['path'] for s in skipped[:5])})" if skipped else ""
-        raise InputError(f"{what} input directory {root} holds no {'/'.join(SUPPORTED)} files{others}")
+        raise InputError(f"{what} input directory {root} holds no JSONL or Parquet files "
+                         f"({', '.join(SUPPORTED)}){others}")
     return InputListing(specs, skipped)
 
 
