@@ -1,12 +1,17 @@
 """What preprocessing does before and after the parallel part, shared by the Ray Data pipeline
 (pipelines/stages/preprocess.py) and the single-process reference (gems.data.inprocess):
 
+- ``check_inputs`` / ``check_output_dir``: the cheap checks a job runs before it starts Ray (input
+  paths exist and hold rows, the output can be written), so a typo costs seconds, not a cluster
+  start and all the work.
 - ``prepare``: resolve the input for ``data.source`` (simulate if absent, run an adapter), list the
-  event files, count their rows independently (for the accounting), read + validate the item table
-  and render every item's history entry. Any missing path fails here, before Ray starts work.
+  event files (others become ``skipped_files``), count their rows independently (for the
+  accounting), read + validate the item table and render every item's history entry. Any missing
+  path or unreadable file fails here, before Ray starts work.
 - ``validate_file`` / ``process_bucket``: the two per-unit steps (one input file; one user bucket).
-- ``finalize``: write items and quarantine, check the accounting, write the manifest with its
-  fingerprint and publish the directory atomically.
+- ``finalize``: write items and quarantine, check the accounting, refuse a run without examples
+  (``NoExamplesError`` with the quarantine summary), write the manifest with its fingerprint and
+  publish the directory atomically.
 """
 
 from __future__ import annotations
