@@ -209,16 +209,16 @@ def prepare(cfg: Config, work_dir: str | Path) -> Prepared:
     for s in skipped:
         log.warning("%s input %s: skipped, %s", s["what"], s["path"], s["why"])
     files = events.files
-    rows_in = sum(count_rows(s) for s in files)
-    if rows_in == 0:
-        raise _empty_input(events_path, len(files))
-    items, items_quarantine, items_rows_in = _read_items(item_files.files)
     d = cfg.data
     if d.source in ("qilin", "amazon"):  # the converted copy is temporary: name the real source
         inputs = {"events": str(cfg.resolve(d.path)), "items": str(cfg.resolve(d.path)),
                   "converted_by": f"gems.data.{d.source}", "files": len(files)}
     else:
         inputs = {"events": str(events_path), "items": str(items_path), "files": len(files)}
+    rows_in = sum(count_rows(s) for s in files)
+    if rows_in == 0:
+        raise _empty_input(Path(inputs["events"]), len(files))
+    items, items_quarantine, items_rows_in = _read_items(item_files.files)
     return Prepared(
         source=d.source, event_files=files, rows_in=rows_in,
         items=items, items_quarantine=items_quarantine, items_rows_in=items_rows_in,
