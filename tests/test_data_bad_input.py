@@ -404,21 +404,39 @@ class _LocalDataset:
         return self.rows
 
 
-def test_every_ray_data_call_of_preprocessing_has_bounded_retries(tmp_path: Path, monkeypatch) -> None:
-    """Ray Data retries a task whose worker died forever by default (max_retries=-1): a crashing
-    input hung the job for good (issue 12, item 2)."""
+@pytest.fixture
+def local_ray_data(monkeypatch) -> list[tuple[str, dict[str, Any]]]:
+    """Ray Data replaced by ``_LocalDataset`` (and Ray refused): the calls it received."""
     import ray
-
-    from pipelines.stages import preprocess as stage
 
     calls: list[tuple[str, dict[str, Any]]] = []
     monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no Ray")))
     monkeypatch.setattr(ray, "put", lambda value: value)
     monkeypatch.setattr(ray.data, "from_items", lambda rows, **k: _LocalDataset(list(rows), calls))
+    return calls
+
+
+def test_every_ray_data_call_of_preprocessing_has_bounded_retries(tmp_path: Path, local_ray_data) -> None:
+    """Ray Data retries a task whose worker died forever by default (max_retries=-1): a crashing
+    input hung the job for good (issue 12, item 2)."""
+    from pipelines.stages import preprocess as stage
+
     (_day(tmp_path) / "a.jsonl").write_bytes(_rows("a", "b") + b"not json\n")
     manifest = stage.run_preprocess(_cfg(tmp_path))
     assert manifest["accounting"]["rows_quarantined"] == 1 and manifest["examples"] == 2
-    assert [name for name, _ in calls] == ["map_batches", "write_parquet", "map_batches"]
-    for name, options in calls:
+    assert [name for name, _ in local_ray_data] == ["map_batches", "write_parquet", "map_batches"]
+    for name, options in local_ray_data:
         retries = options.get("max_retries", options.get("ray_remote_args", {}).get("max_retries"))
         assert retries is not None and 0 <= retries <= 3, (name, options)
+
+
+def test_a_file_a_ray_task_cannot_read_is_named_by_the_driver(tmp_path: Path, local_ray_data) -> None:
+    """Damaged Parquet pages are found inside a validation task (the footer, read by the driver, is
+    fine): the stage still ends in an InputError naming the file, not a worker traceback."""
+    from pipelines.stages import preprocess as stage
+
+    setup_damaged_parquet_pages(_day(tmp_path))
+    with pytest.raises(InputError, match=r"pages\.parquet: unreadable Parquet"):
+        stage.run_preprocess(_cfg(tmp_path))
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

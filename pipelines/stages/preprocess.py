@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -52,20 +53,11 @@ them, so a repeated crash is a bug to surface, not to retry."""
 RETRIES: dict[str, Any] = {"max_retries": MAX_RETRIES}
 
 
-def input_error_in(err: BaseException) -> InputError | None:
-    """The InputError a Ray task raised, found in the chain Ray Data wraps it in (RayTaskError ->
-    UserCodeException -> the UDF's exception), so the driver can report it like a local one."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [err]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, InputError) and not isinstance(e, ray.exceptions.RayError):
-            return e
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    return None
+FILE_ERRORS = "_file_errors"
+"""Where a validation task leaves the InputError of a file it cannot read (a Parquet file whose
+data pages are damaged although its footer read fine): the driver raises it by name after the
+stage. An exception raised inside a Ray Data task reaches the driver wrapped, its message buried
+in a worker traceback; a file on the shared work directory does not."""
 
 
 def _arrow(df: pl.DataFrame) -> pa.Table:
@@ -76,9 +68,18 @@ def _get(value: Any) -> Any:
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
-def _validate_files(batch: pa.Table, item_ids: Any, params: ValidationParams) -> pa.Table:
+def _validate_files(batch: pa.Table, item_ids: Any, params: ValidationParams, errors_dir: str
+                    ) -> pa.Table:
     ids = pl.Series("item_id", _get(item_ids))
-    frames = [validate_file(FileSpec(**row), ids, params) for row in batch.to_pylist()]
+    frames = []
+    for row in batch.to_pylist():
+        spec = FileSpec(**row)
+        try:
+            frames.append(validate_file(spec, ids, params))
+        except InputError as err:  # named by the driver after the stage (FILE_ERRORS)
+            path = Path(errors_dir) / f"{zlib.crc32(spec.rel.encode()):08x}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(str(err))
     return _arrow(pl.concat(frames) if frames else empty_frame(STAGED_SCHEMA))
 
 
@@ -111,10 +112,6 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
     out = cfg.resolve(cfg.data.output_dir)
     check_output_dir(out)
     work = staging_dir_for(out)
-    # a task's own exception (an InputError naming its file) reaches the driver as that class
-    data_context = ray.data.DataContext.get_current()
-    wrap_errors = data_context.raise_original_map_exception
-    data_context.raise_original_map_exception = True
     try:
         prepared = prepare(cfg, work)
         staging = work / STAGING
@@ -126,8 +123,12 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
         (files.map_batches(_validate_files, batch_size=1, batch_format="pyarrow", num_cpus=1,
                            compute=_tasks(concurrency, len(prepared.event_files)),
                            fn_kwargs={"item_ids": ray.put(prepared.items["item_id"].to_arrow()),
-                                      "params": prepared.validation}, **RETRIES)
+                                      "params": prepared.validation,
+                                      "errors_dir": str(work / FILE_ERRORS)}, **RETRIES)
          .write_parquet(str(staging), partition_cols=["bucket"], ray_remote_args=dict(RETRIES)))
+        errors = sorted((work / FILE_ERRORS).glob("*.txt"))
+        if errors:
+            raise InputError("\n".join(p.read_text() for p in errors))
 
         dirs = _bucket_dirs(staging)
         quarantine_dir = dirs.pop(QUARANTINE_BUCKET, None)
@@ -151,11 +152,6 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
             stats = [json.loads(r["stats"]) for r in rows]
         shutil.rmtree(staging, ignore_errors=True)  # absent when no row reached it
         return finalize(cfg, prepared, quarantined, stats, work, out)
-    except BaseException as err:
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
-        cause = input_error_in(err)
-        if cause is not None and cause is not err:  # raised in a Ray task, e.g. a Parquet file
-            raise type(cause)(*cause.args) from None  # whose data pages are damaged (footer fine)
         raise
-    finally:
-        data_context.raise_original_map_exception = wrap_errors
