@@ -43,7 +43,7 @@ SMOKE = ["state_dir=.state/smoke", "train.max_steps=4", "train.report_every=2", 
          "train.checkpoint_every=2", "train.warmup_steps=1", "tune.num_samples=2", "eval.max_examples=8",
          "eval.mmlu_questions=4", "eval.retention_max_tokens=128", "gems.general_max_tokens=256",
          "data.synthetic_users=30", "data.synthetic_items=40", "data.num_buckets=2"]
-EXIT_CONFIG, EXIT_TRACKING, EXIT_INTERRUPTED = 2, 3, 4
+EXIT_CONFIG, EXIT_TRACKING, EXIT_INTERRUPTED, EXIT_INPUT = 2, 3, 4, 5
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from gems.data.events import InputError
+    from gems.data.plan import check_inputs
     from gems.data.shards import read_split
     from pipelines.stages.preprocess import run_preprocess
     from tune.champion import evaluate_checkpoint, log_test_report, register_champion
@@ -101,10 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     def lap(stage: str) -> None:
         stages[f"pipeline/{stage}_s"] = time.monotonic() - started - sum(stages.values())
 
+    try:
+        check_inputs(cfg)  # a missing or unusable input fails in seconds, before Ray starts
+    except InputError as err:
+        print(f"input error: {err}", file=sys.stderr)
+        return EXIT_INPUT
     ray.init(ignore_reinit_error=True)  # joins the cluster under `ray job submit`, else starts one
     lap("startup")
 
-    manifest = run_preprocess(cfg)
+    try:
+        manifest = run_preprocess(cfg)
+    except InputError as err:  # incl. NoExamplesError: nothing published, the summary says why
+        print(f"input error: {err}", file=sys.stderr)
+        return EXIT_INPUT
     lap("preprocess")
     shard_dir = cfg.resolve(cfg.data.output_dir)
     name = sweep_name(cfg, manifest.get("fingerprint"))

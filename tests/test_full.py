@@ -32,3 +32,14 @@ def test_unreachable_tracking_server_fails_before_any_work(tmp_path: Path) -> No
     assert time.monotonic() - started < 60  # mostly interpreter start-up and imports
     assert not (tmp_path / "state").exists(), "nothing may be written (no data, no Ray, no training)"
     assert "Started a local Ray instance" not in out.stderr
+
+
+@pytest.mark.slow
+def test_missing_events_fail_before_ray_starts(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-events"
+    out = _run(["--smoke-test", "--set", f"state_dir={tmp_path / 'state'}", "--set", "data.source=events",
+                "--set", f"data.path={missing}", "--set", f"data.items_path={tmp_path / 'items.jsonl'}"],
+               dict(os.environ), tmp_path)
+    assert out.returncode == 5, out.stderr[-2000:]
+    assert "input error" in out.stderr and str(missing) in out.stderr
+    assert "Started a local Ray instance" not in out.stderr
