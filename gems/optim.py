@@ -95,6 +95,7 @@ class StepReport:
     clip_coef: float
     conflict_before: ConflictSummary | None = None
     conflict_after: ConflictSummary | None = None
+    ranks: dict[str, float] = field(default_factory=dict)  # after a refresh: mean used rank per subspace
 
 
 @dataclass
@@ -228,6 +229,15 @@ class GEMSAdamW(torch.optim.Optimizer):
         if self._step_count() % self.cfg.t_svd == 0:
             return True
         return any(bool(v) for p in self._layers for k, v in self.state[p].items() if k.startswith("due_"))
+
+    def used_ranks(self) -> dict[str, float]:
+        """Mean number of basis directions in use per subspace over the target weights: with
+        ``gems.rank_threshold`` a subspace holds only what its gradient held at the last refresh."""
+        used: dict[str, list[int]] = {}
+        for p, layer in self._layers.items():
+            for s in layer.subspaces:
+                used.setdefault(s, []).append(int((self.state[p][f"q_{s}"].abs().sum(0) > 0).sum()))
+        return {s: sum(v) / len(v) for s, v in used.items()}
 
     def _stacked_basis(self, p: Tensor) -> Tensor:
         """All of a weight's bases side by side (d x sum of ranks), with the null-space projection
@@ -394,7 +404,8 @@ class GEMSAdamW(torch.optim.Optimizer):
             self._adamw([p for p in group["params"] if p.grad is not None], group)
         self.last_report = StepReport(gate=gate, grad_norms=grad_norms, refreshed=refreshed,
                                       clip_coef=pend.clip_coef, conflict_before=conflict_before,
-                                      conflict_after=summarize(after) if after else None)
+                                      conflict_after=summarize(after) if after else None,
+                                      ranks=self.used_ranks() if refreshed else {})
         self._pending = _Pending()
 
     def _absorb_stash(self, present: list[str]) -> tuple[bool, dict[str, float]]:

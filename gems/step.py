@@ -65,6 +65,7 @@ class StepStats:
     conflict_before: ConflictSummary | None = None
     conflict_after: ConflictSummary | None = None
     svd_refresh: bool = False
+    ranks: dict[str, float] = field(default_factory=dict)
 
     @property
     def mixed_loss(self) -> float:
@@ -78,6 +79,7 @@ class StepStats:
         out.update({f"loss_{t}": v for t, v in self.loss.items()})
         out.update({f"samples_{t}": float(v) for t, v in self.samples.items()})
         out.update({f"gate_{t}": v for t, v in self.gate.items()})
+        out.update({f"rank_{s}": v for s, v in self.ranks.items()})
         for when, summary in (("before", self.conflict_before), ("after", self.conflict_after)):
             if summary is not None:
                 out[f"conflict_{when}_mean_rho"] = summary.mean_rho
@@ -212,7 +214,7 @@ def train_step(model: nn.Module, method: Any, batches: Mapping[str, Sequence[Tas
         report = optimizer.last_report
         return StepStats(loss=losses, samples=samples, grad_norm=grad_norm, gate=report.gate,
                          conflict_before=report.conflict_before, conflict_after=report.conflict_after,
-                         svd_refresh=report.refreshed)
+                         svd_refresh=report.refreshed, ranks=report.ranks)
     if stash and not rhos:  # one task only: put its gradient back
         _restore(conflict_params, stash)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]

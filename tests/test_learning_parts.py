@@ -315,3 +315,17 @@ def test_collab_init_carries_item_similarity_into_the_rows(tiny_model_and_tokeni
         aligned_vectors(vectors, item_ids[:-1], item_ids)
     with pytest.raises(ValueError, match="items.init"):
         init_item_rows(model, ids, aligned, "random")
+
+
+def test_refresh_reports_the_ranks_the_gradients_hold(tiny_model_and_tokenizer) -> None:
+    """Two target tokens per task: each task's gradient has rank <= 2 on every weight, so the
+    subspaces report far fewer directions in use than their configured ranks."""
+    model, tok = tiny_model_and_tokenizer
+    opt = GEMSAdamW.for_model(model, GEMSConfig(r_shared=16, t_svd=5, k=0), 1e-3)
+    from gems.step import train_step
+
+    stats = train_step(model, opt, mixed_batches(len(tok), seed=0, rows=(2, 2)), 1.0)
+    assert stats.svd_refresh and set(stats.ranks) == {"shared", "search", "rec"}
+    assert 0 < stats.ranks["shared"] < 16 and stats.ranks["search"] < 8 and stats.ranks["rec"] < 8
+    assert "rank_shared" in stats.as_metrics()
+    assert train_step(model, opt, mixed_batches(len(tok), seed=1, rows=(2, 2)), 1.0).ranks == {}
