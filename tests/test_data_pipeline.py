@@ -5,6 +5,7 @@ Ray starts once for this module (2 CPUs, no dashboard)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import ray
 
 from gems.config import Config, load_config
 from gems.data.inprocess import preprocess_inprocess
+from gems.data.plan import NoExamplesError
 from gems.data.schema import SHARD_SCHEMA, SPLITS
 from gems.data.shards import read_items, read_manifest, read_quarantine, read_split
 from gems.paths import shared_file
@@ -120,16 +122,17 @@ def test_ray_pipeline_matches_the_single_process_reference(tmp_path: Path) -> No
 @pytest.mark.skipif(shared_file("qilin_toy", "notes.csv") is None,
                     reason="shared Qilin toy files absent (../shared/data/qilin_toy)")
 def test_qilin_toy_files_parse_and_unjoined_notes_are_quarantined(tmp_path: Path) -> None:
+    """The toy logs reference notes that the toy notes.csv does not hold: every row is quarantined
+    as unknown_item_id, so the run ends with the named no-examples error and its accounting (and
+    publishes nothing) instead of succeeding with 0 examples."""
     cfg = _cfg(tmp_path / "state", "data.source=qilin", f"data.path={shared_file('qilin_toy')}")
-    manifest = run_preprocess(cfg)
-    adapter = manifest["adapter"]["qilin"]
-    acc = manifest["accounting"]
-    assert acc["rows_in"] == adapter["events"] > 0
-    assert acc["rows_in"] == acc["rows_valid"] + acc["rows_quarantined"] + acc["rows_deduplicated"]
-    # the toy logs reference notes that the toy notes.csv does not hold
-    assert manifest["quarantine"].get("unknown_item_id", 0) > 0
-    q = read_quarantine(cfg.resolve(cfg.data.output_dir))
-    assert q.filter(pl.col("reason") == "unknown_item_id")["raw"].str.contains("origin").all()
+    with pytest.raises(NoExamplesError) as err:
+        run_preprocess(cfg)
+    message = str(err.value)
+    counts = re.search(r"(\d+) rows in, 0 valid \(0 clicked\), (\d+) quarantined, 0 duplicates", message)
+    assert counts is not None and int(counts[1]) == int(counts[2]) > 0, message
+    assert "unknown_item_id" in message
+    assert not cfg.resolve(cfg.data.output_dir).exists()
 
 
 def test_max_users_keeps_a_seeded_subset(tmp_path: Path) -> None:
