@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from gems.item_rows import item_row_weights
 from gems.sasrec_vectors import project_to_width
 
 INIT_MODES: tuple[str, ...] = ("title", "collab", "title+collab")
@@ -42,12 +43,7 @@ def init_item_rows(model: nn.Module, item_token_ids: Sequence[int], vectors: tor
     ids = torch.as_tensor(list(item_token_ids), dtype=torch.long)
     if vectors.shape[0] != ids.numel():
         raise ValueError(f"{vectors.shape[0]} collaborative vectors for {ids.numel()} item tokens")
-    seen: set[int] = set()
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        weight = getattr(module, "weight", None)
-        if weight is None or id(weight) in seen:
-            continue
-        seen.add(id(weight))
+    for weight in item_row_weights(model):
         rows = ids.to(weight.device)
         with torch.no_grad():
             title = weight[rows].float()

@@ -23,6 +23,16 @@ from torch import Tensor, nn
 TRAINABLE_TOKENS_DELTA = "trainable_tokens_delta"
 
 
+def item_row_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The weights that hold item rows: the input embedding, and the LM head when it is untied."""
+    out: list[nn.Parameter] = []
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = getattr(module, "weight", None)
+        if weight is not None and all(weight is not w for w in out):
+            out.append(weight)
+    return out
+
+
 @dataclass(frozen=True)
 class RowBlock:
     """Rows ``rows`` of ``param`` (None = the whole tensor) that belong to items."""
@@ -69,14 +79,7 @@ class ItemRows:
         ids = torch.as_tensor(list(item_token_ids), dtype=torch.long)
         if ids.numel() == 0:
             return cls([], lr_scale, weight_decay)
-        blocks: list[RowBlock] = []
-        seen: set[int] = set()
-        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-            weight = getattr(module, "weight", None)
-            if weight is None or not weight.requires_grad or id(weight) in seen:
-                continue  # tied head: the embedding's rows already cover it
-            seen.add(id(weight))
-            blocks.append(RowBlock(weight, ids.to(weight.device)))
+        blocks = [RowBlock(w, ids.to(w.device)) for w in item_row_weights(model) if w.requires_grad]
         return cls(blocks, lr_scale, weight_decay)
 
     @contextmanager
