@@ -151,7 +151,7 @@ class MetricWindow:
         self.steps = 0
         self.seconds = 0.0
 
-    def add(self, stats: StepStats, tokens: int, seconds: float, padded: int | None = None) -> None:
+    def add(self, stats: StepStats, tokens: int, padded: int, seconds: float) -> None:
         for key, value in stats.as_metrics().items():
             if value is not None and math.isfinite(value):
                 self.sums[key] = self.sums.get(key, 0.0) + float(value)
@@ -160,7 +160,7 @@ class MetricWindow:
                     self.low[key] = min(self.low.get(key, math.inf), float(value))
                     self.high[key] = max(self.high.get(key, -math.inf), float(value))
         self.tokens += tokens
-        self.padded += tokens if padded is None else padded
+        self.padded += padded
         self.steps += 1
         self.seconds += seconds
 
@@ -323,7 +323,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                                   measure_conflict=is_report or is_eval or is_ckpt, model=train_model)
         schedule.step()
         real_tokens, padded_tokens = _batch_tokens(batches)
-        window.add(stats, real_tokens, time.perf_counter() - started, padded_tokens)
+        window.add(stats, real_tokens, padded_tokens, time.perf_counter() - started)
         if not (is_report or is_eval or is_ckpt):
             continue
         metrics: dict[str, Any] = {"step": done, "train/lr": current_lr(schedule),

@@ -26,7 +26,6 @@ from gems.baselines import build_method
 from gems.config import GEMSConfig, ModelConfig
 from gems.model import add_item_tokens, load_backbone
 from gems.step import TaskBatch
-from gems.target_loss import TargetLoss
 
 
 def matmul_peak(size: int, dtype: torch.dtype, repeats: int = 7) -> float:
@@ -102,7 +101,6 @@ def main() -> None:
             model.load_state_dict(base_state)
             cfg = GEMSConfig(method=name, k=0, t_svd=args.t_svd)
             method = build_method(model, cfg, 1e-5, item_token_ids=item_ids, loss="catalog")
-            assert isinstance(method.target_loss, TargetLoss)
             if args.profile and name == "adamw" and precision == "bf16":
                 _profile(method, batches, dtype)
             seconds = time_steps(method, batches, args.steps, dtype, refresh_every=args.t_svd)
