@@ -343,6 +343,9 @@ class NightlyConfig(_Section):
                              "the unified metric and still be promoted.")
     retention_tolerance: float = Field(0.05, ge=0, description="Allowed relative perplexity "
                                        "increase vs the champion.")
+    max_kl: float | None = Field(0.5, ge=0, description="Largest mean KL(champion || challenger) per "
+                                 "general-text token, nats; None = no drift gate. Also measured where "
+                                 "perplexity is not (no held-out human text on the machine).")
     sweep: bool = Field(False, description="Small sweep instead of the champion's params.")
     max_steps: int | None = Field(None, ge=1, description="Fine-tuning steps (None = train.max_steps).")
     history_days: int = Field(1, ge=0, le=366, description="Day partitions before the first new one "

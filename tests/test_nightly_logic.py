@@ -161,6 +161,21 @@ def test_unmeasured_retention_does_not_block_but_is_said() -> None:
     assert decision.promote and any("not measured" in r for r in decision.reasons)
 
 
+def test_language_drift_blocks_promotion_even_without_perplexity() -> None:
+    """On a machine without held-out human text only KL is measured: it alone must stop a
+    challenger whose language moved away from the champion's."""
+    champion = ModelScores(unified=0.30)
+    drifted = decide(champion, ModelScores(0.50, kl_from_champion=0.8), 0.0, 0.05, max_kl=0.5)
+    assert not drifted.promote and any("exceeds 0.5" in r for r in drifted.reasons)
+    assert decide(champion, ModelScores(0.50, kl_from_champion=0.4), 0.0, 0.05, max_kl=0.5).promote
+    assert not decide(champion, ModelScores(0.50, kl_from_champion=math.nan), 0.0, 0.05, max_kl=0.5).promote
+    assert decide(champion, ModelScores(0.50, kl_from_champion=9.0), 0.0, 0.05, max_kl=None).promote
+    unmeasured = decide(champion, ModelScores(0.50), 0.0, 0.05, max_kl=0.5)
+    assert unmeasured.promote and any("KL from the champion was not measured" in r for r in unmeasured.reasons)
+    with pytest.raises(ValueError, match="max_kl"):
+        decide(champion, ModelScores(0.50), 0.0, 0.05, max_kl=-1.0)
+
+
 def test_diverged_challenger_is_rejected() -> None:
     assert not decide(ModelScores(0.1, 20.0), ModelScores(math.nan, 20.0), 1.0, 1.0).promote
     assert not decide(ModelScores(0.1, 20.0), ModelScores(0.2, math.inf), 1.0, 1.0).promote

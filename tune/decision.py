@@ -3,8 +3,11 @@
 Both models are scored on the same fresh holdout (the newest day), so the comparison is paired.
 The rule is deliberately one-sided: a challenger does not have to win, it must not lose by more
 than ``tolerance`` on the unified metric (mean search/rec NDCG@10) nor make general text more than
-``retention_tolerance`` (relative) harder than the champion does. Yesterday's data is fresher than
-the champion's, so a tie goes to the challenger.
+``retention_tolerance`` (relative) harder than the champion does, nor drift from the champion's
+language by more than ``max_kl`` (mean KL(champion || challenger) per general-text token). The KL
+gate is the one retention check a fresh machine always has: perplexity needs held-out human text
+(wikitext-2), KL is also measured on text the champion writes itself. Yesterday's data is fresher
+than the champion's, so a tie goes to the challenger.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class ModelScores:
 
     unified: float
     perplexity: float | None = None  # general-text perplexity; None = not measured
+    kl_from_champion: float | None = None  # KL(champion || this model), nats/token; None = not measured
     metrics: dict[str, float] = field(default_factory=dict)  # everything else, for the record
 
 
@@ -39,11 +43,14 @@ class Decision:
 
 
 def decide(champion: ModelScores, challenger: ModelScores, tolerance: float,
-           retention_tolerance: float) -> Decision:
-    """Promote iff the challenger's unified metric is finite and >= champion - tolerance, and its
-    perplexity (when both were measured) is <= champion x (1 + retention_tolerance)."""
+           retention_tolerance: float, max_kl: float | None = None) -> Decision:
+    """Promote iff the challenger's unified metric is finite and >= champion - tolerance, its
+    perplexity (when both were measured) is <= champion x (1 + retention_tolerance), and its KL from
+    the champion (when measured and ``max_kl`` is set) is <= max_kl."""
     if tolerance < 0 or retention_tolerance < 0:
         raise ValueError(f"tolerances must be >= 0, got {tolerance}, {retention_tolerance}")
+    if max_kl is not None and max_kl < 0:
+        raise ValueError(f"max_kl must be >= 0 or None, got {max_kl}")
     reasons: list[str] = []
     ok = True
     delta = challenger.unified - champion.unified
@@ -75,4 +82,15 @@ def decide(champion: ModelScores, challenger: ModelScores, tolerance: float,
                            f"{100 * retention_tolerance:.1f}%)")
         else:
             reasons.append(f"perplexity ratio {ratio:.4f} within 1 + {retention_tolerance}")
+
+    kl = challenger.kl_from_champion
+    if max_kl is None:
+        pass
+    elif kl is None:
+        reasons.append("language drift not compared: KL from the champion was not measured")
+    elif not math.isfinite(kl) or kl > max_kl:
+        ok = False
+        reasons.append(f"general-text KL from the champion {kl:.4f} nats/token exceeds {max_kl}")
+    else:
+        reasons.append(f"general-text KL from the champion {kl:.4f} nats/token within {max_kl}")
     return Decision(promote=ok, reasons=tuple(reasons), unified_delta=delta, perplexity_ratio=ratio)

@@ -163,4 +163,5 @@ def run_evaluation(cfg: Config, warm: WarmStart, checkpoint: Path, shard_dir: Pa
 def scores_of(metrics: Mapping[str, float], who: str) -> ModelScores:
     return ModelScores(unified=float(metrics.get(f"{who}/{UNIFIED}", math.nan)),
                        perplexity=metrics.get(f"{who}/retention/ppl"),
+                       kl_from_champion=metrics.get(f"{who}/retention/kl_vs_champion"),
                        metrics={k: v for k, v in metrics.items() if k.startswith(f"{who}/")})

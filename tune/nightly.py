@@ -331,7 +331,7 @@ def _run_night(cfg: Config, experiment_id: str, partitions: list[str], events_ro
         crash_point("after_register")
 
         decision = decide(champion_scores, challenger_scores, cfg.nightly.tolerance,
-                          cfg.nightly.retention_tolerance)
+                          cfg.nightly.retention_tolerance, cfg.nightly.max_kl)
         mlflow.log_dict(decision.as_dict(), "decision.json")
         mlflow.log_metrics({"decision/promoted": float(decision.promote),
                             "decision/unified_delta": decision.unified_delta,

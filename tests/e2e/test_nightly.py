@@ -205,7 +205,8 @@ def test_crash_after_training_leaves_the_champion(world: World, monkeypatch: pyt
 
 
 def test_rerun_finishes_the_night_without_training_again(world: World) -> None:
-    cfg = load_config(world.config_path, ["nightly.tolerance=1.0", "nightly.retention_tolerance=100"])
+    cfg = load_config(world.config_path, ["nightly.tolerance=1.0", "nightly.retention_tolerance=100",
+                                          "nightly.max_kl=null"])
     outcome = run_nightly(cfg)
     assert outcome.status == "promoted", outcome.reasons
     run = world.client.get_run(outcome.run_id)
@@ -256,6 +257,10 @@ def test_bad_challenger_is_not_promoted(world: World) -> None:
     cfg = load_config(world.config_path, ["nightly.override_params={train.lr: 1.0}"])
     outcome = run_nightly(cfg)
     assert outcome.status == "rejected" and outcome.challenger == "3"
+    # on a tiny random model the ranking metric is chance either way: retention is what must catch
+    # it, with or without held-out human text on the machine (KL is measured in both cases)
+    assert any("KL from the champion" in r and "exceeds" in r or "perplexity" in r and "above" in r
+               for r in outcome.reasons), outcome.reasons
     assert _aliases(world) == {CHAMPION: "2", PREVIOUS: "1", CHALLENGER: "3"}
     v3 = get_version(NAME, CHALLENGER)
     assert v3 is not None and v3.tags["gems.nightly_decision"] == "rejected"
