@@ -82,12 +82,20 @@ def load_backbone_with_source(
     else:
         model, tokenizer, source = *_load_hf_dir(cfg), "hf_dir"
     _prepare_for_batching(model, tokenizer)
+    model.set_attn_implementation(attention_kernel(cfg.attention))
     if cfg.chat_template == "none":
         tokenizer.chat_template = None  # saved with the tokenizer: serving renders prompts alike
     model.eval()
     log.info("backbone %s loaded (%s): %d parameters, vocab %d", cfg.name_or_path, source,
              sum(p.numel() for p in model.parameters()), len(tokenizer))
     return model, tokenizer, source
+
+
+def attention_kernel(setting: str) -> str:
+    """The attention implementation ``model.attention`` asks for on this machine."""
+    if setting != "auto":
+        return setting
+    return "sdpa" if torch.cuda.is_available() else "eager"
 
 
 def _build_tiny_llama(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -247,3 +247,24 @@ def test_damaged_cache_is_rebuilt(damage: str, tiny_cfg: Config, tmp_path: Path,
     assert _weights_equal(reference, model)
     _, how, _ = _cached_tiny(cache_dir, tiny_cfg)
     assert how == "cache", "the rebuilt cache is valid again"
+
+
+# ------------------------------------------------------------------------------- attention
+
+
+def test_attention_kernel_is_configurable_and_eager_matches_sdpa_on_padded_batches(
+        tiny_cfg: Config, tmp_path: Path) -> None:
+    """`model.attention` only changes the kernel: left-padded prompts score the same either way,
+    and auto picks eager where there is no GPU (the CPU choice measured in docs/learning.md)."""
+    prompts = ["a short prompt", "a much longer prompt with several more words in it to pad the other"]
+    logits = {}
+    for kernel in ("eager", "sdpa"):
+        cfg = tiny_cfg.model.model_copy(update={"attention": kernel})
+        model, tokenizer = load_backbone(cfg, tmp_path)
+        assert model.config._attn_implementation == kernel
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            logits[kernel] = model(**batch).logits[:, -1]
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], rtol=1e-4, atol=1e-4)
+    auto, _ = load_backbone(tiny_cfg.model, tmp_path)
+    assert auto.config._attn_implementation == ("sdpa" if torch.cuda.is_available() else "eager")

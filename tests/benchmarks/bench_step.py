@@ -1,6 +1,6 @@
 """A whole training step at the study's batch, against this machine's matmul peak (MFU).
 
-Run: .venv/bin/python tests/benchmarks/bench_step.py --model smollm2-135m --batch 16 --steps 6
+Run: .venv/bin/python tests/benchmarks/bench_step.py --model smollm2-135m --batch 16 --steps 6 [--attention sdpa]
      .venv/bin/python tests/benchmarks/bench_step.py --model smollm2-135m --profile   (top ops)
 
 In one process, side by side: the machine's fp32 and bf16 matmul peak (median GFLOP/s of a square
@@ -80,11 +80,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--t-svd", type=int, default=50)
+    ap.add_argument("--attention", default="auto", choices=("auto", "eager", "sdpa"))
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"load average before: {os.getloadavg()}  threads: {args.threads}")
-    model, tok = load_backbone(ModelConfig(name_or_path=args.model), _cache())
+    print(f"load average before: {os.getloadavg()}  threads: {args.threads}  attention: {args.attention}")
+    model, tok = load_backbone(ModelConfig(name_or_path=args.model, attention=args.attention), _cache())
     item_ids = add_item_tokens(model, tok, [(f"i{i}", f"office item {i}") for i in range(2420)])
     size = max(model.config.hidden_size, model.config.intermediate_size)
     peaks = {"fp32": matmul_peak(size * 2, torch.float32),
