@@ -17,7 +17,8 @@ Writes OUT/results.csv (method, task, metric, protocol, value, seed), OUT/result
 OUT/timings.csv, plots, and one MLflow parent run with a child run per LLM method and seed (SASRec's
 best epoch, val NDCG@10 and fusion weight per seed are metrics of the parent run).
 Re-running with the same --out skips the (method, seed) pairs already in results.csv (--no-resume
-to start over).
+to start over). The config, the method list and the tracking store are checked before any data is
+read or Ray starts (exit codes: pipelines/preflight.py).
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gems.config import ConfigError, load_config  # noqa: E402
+from gems.config import load_config  # noqa: E402
+from pipelines.preflight import PREFLIGHT_ERRORS, exit_code, job_config  # noqa: E402
 from tune.compare import run_comparison  # noqa: E402
 from tune.compare_methods import parse_methods, parse_seeds  # noqa: E402
+from tune.tracking import setup_tracking  # noqa: E402
 
 DEFAULT_METHODS = "gems,adamw,lora,galore,popularity,bm25"
 SMOKE = ["state_dir=.state/compare-smoke", "data.synthetic_users=30", "data.synthetic_items=40",
@@ -45,7 +48,8 @@ SMOKE = ["state_dir=.state/compare-smoke", "data.synthetic_users=30", "data.synt
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--config", default="amazon", help="YAML config (name in pipelines/configs or path)")
+    ap.add_argument("--config", default=None,
+                    help="YAML config (name in pipelines/configs or path; default amazon)")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     ap.add_argument("--seeds", default="0", help="training seeds for the LLM methods, e.g. 0,1")
     ap.add_argument("--out", required=True, type=Path, help="output directory")
@@ -57,13 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        config = "tiny" if args.smoke_test else args.config
+        config = job_config(args.config, args.smoke_test, "amazon")
         cfg = load_config(config, (SMOKE if args.smoke_test else []) + list(args.set))
         specs = parse_methods(args.methods)
         seeds = parse_seeds(args.seeds)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
+        setup_tracking(cfg)  # a dead tracking server fails here, before any data is read
+    except PREFLIGHT_ERRORS as err:
+        return exit_code(err)
     command = "python pipelines/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     outcome = run_comparison(cfg, specs, args.out, seeds, command=command, resume=not args.no_resume,
                              keep_checkpoints=args.keep_checkpoints, on_progress=print)

@@ -23,9 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlflow  # noqa: E402
 
-from gems.config import Config, ConfigError, load_config  # noqa: E402
+from gems.config import Config, load_config  # noqa: E402
+from pipelines.preflight import (  # noqa: E402
+    EXIT_INTERRUPTED,
+    PREFLIGHT_ERRORS,
+    exit_code,
+    job_config,
+)
 from tune.tracking import (  # noqa: E402
-    TrackingError,
     log_dataset_inputs,
     log_run_context,
     run_tags,
@@ -43,13 +48,13 @@ SMOKE = ["state_dir=.state/smoke", "train.max_steps=4", "train.report_every=2", 
          "train.checkpoint_every=2", "train.warmup_steps=1", "tune.num_samples=2", "eval.max_examples=8",
          "eval.mmlu_questions=4", "eval.retention_max_tokens=128", "gems.general_max_tokens=256",
          "data.synthetic_users=30", "data.synthetic_items=40", "data.num_buckets=2"]
-EXIT_CONFIG, EXIT_TRACKING, EXIT_INTERRUPTED, EXIT_INPUT = 2, 3, 4, 5
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--config", default="demo", help="YAML config (name in pipelines/configs or a path)")
+    ap.add_argument("--config", default=None,
+                    help="YAML config (name in pipelines/configs or a path; default demo)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set tune.num_samples=8")
     ap.add_argument("--smoke-test", action="store_true", help="tiny model, tiny data, 2 trials")
@@ -57,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load(args: argparse.Namespace) -> Config:
-    config = "tiny" if args.smoke_test else args.config
+    config = job_config(args.config, args.smoke_test, "demo")
     cfg = load_config(config, (SMOKE if args.smoke_test else []) + list(args.set))
     # Pin the state dir before anything runs elsewhere: trials and jobs must agree on one path.
     cfg.state_dir = str(cfg.state_path)
@@ -75,12 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(args)
         tracking_uri_env = os.environ.get("MLFLOW_TRACKING_URI")
         experiment_id = setup_tracking(cfg)  # before any work: a dead server fails in seconds
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return EXIT_CONFIG
-    except TrackingError as err:
-        print(f"tracking: {err}", file=sys.stderr)
-        return EXIT_TRACKING
+    except PREFLIGHT_ERRORS as err:
+        return exit_code(err)
     tracking_uri = mlflow.get_tracking_uri()
     source = ("config" if cfg.mlflow.tracking_uri else "MLFLOW_TRACKING_URI" if tracking_uri_env
               else "state dir")
@@ -106,16 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_inputs(cfg)  # a missing or unusable input fails in seconds, before Ray starts
     except InputError as err:
-        print(f"input error: {err}", file=sys.stderr)
-        return EXIT_INPUT
+        return exit_code(err)
     ray.init(ignore_reinit_error=True)  # joins the cluster under `ray job submit`, else starts one
     lap("startup")
 
     try:
         manifest = run_preprocess(cfg)
     except InputError as err:  # incl. NoExamplesError: nothing published, the summary says why
-        print(f"input error: {err}", file=sys.stderr)
-        return EXIT_INPUT
+        return exit_code(err)
     lap("preprocess")
     shard_dir = cfg.resolve(cfg.data.output_dir)
     name = sweep_name(cfg, manifest.get("fingerprint"))

@@ -4,7 +4,8 @@ Run: .venv/bin/python pipelines/nightly.py --config demo            (after pipel
      .venv/bin/python pipelines/nightly.py --smoke-test              (self-contained: tiny model, 2 days)
      infra/nightly_submit.sh                                         (what cron / systemd run)
 Prints what happened (no new data / already decided / promoted / rejected) and the metrics of
-both models. Safe to run twice and after a crash (see tune/nightly.py).
+both models. Safe to run twice and after a crash (see tune/nightly.py). The tracking store, the
+config and the log partitions are checked before Ray starts (exit codes: pipelines/preflight.py).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import ray  # noqa: E402
-
-from gems.config import ConfigError, load_config  # noqa: E402
+from gems.config import load_config  # noqa: E402
+from pipelines.preflight import EXIT_CONFIG, PREFLIGHT_ERRORS, exit_code, job_config  # noqa: E402
+from tune.tracking import setup_tracking  # noqa: E402
 from tune.watermark import NightlyError  # noqa: E402
 
 # Tiny everything (the tiny config plus these), in its own state dir: two simulated days, a champion
@@ -38,7 +39,6 @@ def _smoke_setup(config: str, overrides: list[str]) -> None:
     """Land simulated day 1 (and a champion trained on it) once, then day 2 for tonight."""
     from tune.night_smoke import bootstrap_champion, land_day, simulate_source
     from tune.registry import get_champion
-    from tune.tracking import setup_tracking
 
     cfg = load_config(config, overrides)
     source, params = simulate_source(cfg, SMOKE_DAYS)
@@ -51,9 +51,18 @@ def _smoke_setup(config: str, overrides: list[str]) -> None:
     land_day(source, live, params, SMOKE_DAYS - 1)
 
 
+def _champion_version(name: str) -> str | None:
+    """The champion now (an outcome that did not look, e.g. a night in progress elsewhere)."""
+    from tune.registry import get_champion
+
+    champion = get_champion(name)
+    return champion.version if champion else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="demo", help="YAML config (name in pipelines/configs or path)")
+    ap.add_argument("--config", default=None,
+                    help="YAML config (name in pipelines/configs or path; default demo)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set nightly.tolerance=0.01")
     ap.add_argument("--smoke-test", action="store_true",
@@ -61,27 +70,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = "tiny" if args.smoke_test else args.config
     overrides = [*SMOKE, *args.set] if args.smoke_test else list(args.set)
     try:
+        config = job_config(args.config, args.smoke_test, "demo")
         cfg = load_config(config, overrides)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
+        setup_tracking(cfg)  # a dead tracking server fails here, in seconds, before Ray starts
+    except PREFLIGHT_ERRORS as err:
+        return exit_code(err)
+    from tune.nightly import check_night_inputs, run_nightly
+
+    try:
+        check_night_inputs(cfg, simulated=args.smoke_test)
+    except NightlyError as err:
+        print(f"nightly: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    import ray
+
     if os.environ.get("RAY_ADDRESS", "").startswith("http"):
         os.environ.pop("RAY_ADDRESS")  # a job-server URL is for `ray job submit`, not for ray.init
     address = os.environ.get("RAY_ADDRESS")
     ray.init(address=address or None, num_cpus=None if address else args.num_cpus, include_dashboard=False,
              ignore_reinit_error=True, log_to_driver=False)
-    from tune.nightly import run_nightly
-
     try:
         if args.smoke_test:
             _smoke_setup(config, overrides)
         outcome = run_nightly(cfg)
     except NightlyError as err:
         print(f"nightly: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     print(outcome.message)
     if outcome.reasons:
         print("reasons: " + "; ".join(outcome.reasons))
@@ -89,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                      "holdout", "nightly")
                   and "/train/" not in k and not k.startswith("challenger/train"))
     print(json.dumps({k: round(outcome.metrics[k], 6) for k in keys}, indent=2))
-    print(f"champion: models:/{cfg.mlflow.registered_model}@champion (version {outcome.champion})")
+    champion = outcome.champion or _champion_version(cfg.mlflow.registered_model)
+    print(f"champion: models:/{cfg.mlflow.registered_model}@champion (version {champion or 'none'})")
     return 0
 
 

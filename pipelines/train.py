@@ -4,7 +4,10 @@ Run: .venv/bin/python pipelines/train.py --config demo [--set train.max_steps=10
      .venv/bin/python pipelines/train.py --config demo --smoke-test
      .venv/bin/python pipelines/train.py --config demo --resume <checkpoint dir>
 Preprocesses first when the shards are missing, builds the null-space bases once (GEMS, k > 0),
-trains, and prints where the final checkpoint is and the final metrics.
+trains, and prints where the final checkpoint is and the final metrics. It logs nothing to MLflow
+(Ray Train's storage holds the run), so it needs no tracking store; the config, a --resume
+checkpoint and, when it must preprocess, the inputs are checked before Ray starts (exit codes:
+pipelines/preflight.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray  # noqa: E402
 
 from gems.checkpoint import CheckpointError, read_trainer_state  # noqa: E402
-from gems.config import Config, ConfigError, load_config  # noqa: E402
+from gems.config import Config, load_config  # noqa: E402
+from gems.data.events import InputError  # noqa: E402
+from gems.data.plan import check_inputs  # noqa: E402
+from pipelines.preflight import EXIT_CONFIG, PREFLIGHT_ERRORS, exit_code  # noqa: E402
 from tune.bases import prepare_bases  # noqa: E402
 from tune.trainer import TrainOutcome, run_training  # noqa: E402
 
@@ -83,15 +89,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, list(args.set) + (SMOKE if args.smoke_test else []))
         if args.resume is not None:
             read_trainer_state(args.resume)  # fail before starting Ray, not inside workers
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
+        if not (cfg.resolve(cfg.data.output_dir) / "manifest.json").is_file():
+            check_inputs(cfg)  # shards_ready will preprocess: its inputs fail here, in seconds
+    except PREFLIGHT_ERRORS as err:
+        return exit_code(err)
     except CheckpointError as err:
         print(f"cannot resume: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True,
              log_to_driver=False)
-    shard_dir = shards_ready(cfg)
+    try:
+        shard_dir = shards_ready(cfg)
+    except InputError as err:  # incl. no examples: found while preprocessing, reported the same way
+        return exit_code(err)
     outcome = run_training(cfg, shard_dir, bases_in_task(cfg), run_name=args.run_name,
                            resume_from=args.resume)
     print(json.dumps(summary(outcome), indent=2))

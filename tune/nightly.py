@@ -118,6 +118,20 @@ def log_locations(cfg: Config) -> tuple[Path, Path]:
                        "events or synthetic); convert the logs to dt=YYYY-MM-DD/ partitions first")
 
 
+def check_night_inputs(cfg: Config, simulated: bool = False) -> list[str]:
+    """The cheap checks, run before Ray starts: the crash point, where the logs are, and that they
+    hold at least one day partition (a smoke test simulates its days later, so only the layout is
+    checked). Returns the partitions found."""
+    _check_crash_env()
+    events_root, _ = log_locations(cfg)
+    if simulated:
+        return []
+    partitions = list_partitions(events_root)
+    if not partitions:
+        raise NightlyError(f"no day partitions with data under {events_root}")
+    return partitions
+
+
 def night_dir(cfg: Config, key: str) -> Path:
     return cfg.resolve("nightly") / key
 
@@ -214,12 +228,16 @@ def _log_history(history: list[dict]) -> None:
             mlflow.log_metrics(values, step=step)
 
 
-def _decided(run: Run, key: str) -> NightlyOutcome:
+def _decided(run: Run, key: str, name: str) -> NightlyOutcome:
+    """A night already decided: what it registered, and the champion as it is now (a later night
+    may have moved it)."""
     tags = run.data.tags
+    champion = get_champion(name)
     return NightlyOutcome(
         status="already_decided", night=key, run_id=run.info.run_id,
         message=f"night {key} was already decided ({tags[DECISION]}, version {tags.get(VERSION)}); "
-                "nothing to do", challenger=tags.get(VERSION), metrics=dict(run.data.metrics))
+                "nothing to do", champion=champion.version if champion else None,
+        challenger=tags.get(VERSION), metrics=dict(run.data.metrics))
 
 
 # ----------------------------------------------------------------------------------- main
@@ -230,12 +248,9 @@ def run_nightly(cfg: Config) -> NightlyOutcome:
 
     A lock file per night (under the state dir) turns a concurrent second run into a no-op.
     """
-    _check_crash_env()
     started = time.perf_counter()
+    partitions = check_night_inputs(cfg)
     events_root, items_path = log_locations(cfg)
-    partitions = list_partitions(events_root)
-    if not partitions:
-        raise NightlyError(f"no day partitions with data under {events_root}")
     lock_path = cfg.resolve("nightly") / f".{partitions[-1]}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_path)
@@ -258,7 +273,7 @@ def _run_night(cfg: Config, experiment_id: str, partitions: list[str], events_ro
     if previous is not None and DECISION in previous.data.tags:
         if previous.info.status != "FINISHED":
             MlflowClient().set_terminated(previous.info.run_id, "FINISHED")
-        return _decided(previous, partitions[-1])
+        return _decided(previous, partitions[-1], name)
 
     client = MlflowClient()
     if previous is not None:

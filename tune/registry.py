@@ -2,6 +2,8 @@
 
 One registered name holds every unified model; aliases say which version serves (``champion``),
 which lost a comparison or awaits one (``challenger``) and which served before (``previous``).
+A promotion clears ``challenger``: it named a version that lost to a champion no longer serving,
+so after a promotion the alias either does not exist or names tonight's rejected version.
 MLflow 3 aliases replace stages. Moving an alias is one call, so ``champion`` always points at a
 complete version: the nightly job registers first, then moves the alias, and a crash in between
 leaves ``champion`` where it was.
@@ -169,7 +171,8 @@ def set_alias(name: str, alias: str, version: str) -> None:
 def promote(name: str, version: str) -> VersionInfo | None:
     """Make ``version`` the champion; the old champion becomes ``previous``. Returns the old one.
 
-    ``previous`` moves first, ``champion`` last: a crash in between leaves ``champion`` unchanged.
+    ``previous`` moves first, ``champion`` next: a crash in between leaves ``champion`` unchanged.
+    ``challenger`` is deleted last, whichever version it names (see the module docstring).
     """
     old = get_champion(name)
     if old is not None and old.version == str(version):
@@ -177,8 +180,7 @@ def promote(name: str, version: str) -> VersionInfo | None:
     if old is not None:
         set_alias(name, PREVIOUS, old.version)
     set_alias(name, CHAMPION, str(version))
-    challenger = get_version(name, CHALLENGER)
-    if challenger is not None and challenger.version == str(version):
+    if get_version(name, CHALLENGER) is not None:
         MlflowClient().delete_registered_model_alias(name, CHALLENGER)
     return old
 
