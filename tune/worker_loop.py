@@ -336,6 +336,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             metrics["train/replicas_identical"] = float(len(set(digests)) == 1)
         if rank == 0:
             history.append(metrics)
+            print(progress_line(metrics, tc.max_steps), flush=True)  # the driver shows workers' stdout
         state = TrainerState(step=done, data_position=batcher.position(done),
                              extra={"history": history, "precision": precision})
         if is_ckpt:
@@ -348,6 +349,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             ray.train.report(metrics)
     return {"history": history, "precision": precision,
             "parameter_digest": parameter_digest(_unwrap(train_model))}
+
+
+def progress_line(metrics: Mapping[str, Any], max_steps: int) -> str:
+    """One line per report, so a long run is never silent: loss per task, speed, val NDCG@10."""
+    parts = [f"step {metrics['step']}/{max_steps}"]
+    for key, label in (("train/loss", "loss"), ("train/loss_search", "search"), ("train/loss_rec", "rec"),
+                       ("train/step_time_s", "s/step"), ("val/search/full/ndcg_at_10", "val search NDCG@10"),
+                       ("val/rec/full/ndcg_at_10", "val rec NDCG@10")):
+        if isinstance(metrics.get(key), int | float):
+            parts.append(f"{label} {metrics[key]:.4g}")
+    return " | ".join(parts)
 
 
 def _evaluate(model: torch.nn.Module, tokenizer: Any, val: pl.DataFrame, item_ids: list[str],
