@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -14,9 +19,12 @@ import polars as pl
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models.model import ModelInfo
+from mlflow.pyfunc import PythonModelContext
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from gems.config import Config, load_config
+from gems.config import PROJECT_ROOT, Config, load_config
 from gems.evaluate import evaluate_model
 from gems.model import add_item_tokens
 from gems.prompts import format_prompt
@@ -35,7 +43,18 @@ from tune.registry import (
     register_version,
     servable_model_dir,
 )
-from tune.serving import Catalog, ServingSettings, build_prompts, load_ranker_parts, rank_requests
+from tune.serving import (
+    ITEMS_ARTIFACT,
+    MODEL_ARTIFACT,
+    SETTINGS_ARTIFACT,
+    Catalog,
+    GemsRanker,
+    ServingSettings,
+    build_prompts,
+    load_ranker_parts,
+    rank_requests,
+    write_settings,
+)
 
 K = 5
 
@@ -145,17 +164,23 @@ print(json.dumps({"item_ids": out["item_ids"].tolist(), "scores": out["scores"].
 """
 
 
-@pytest.mark.slow
-def test_registered_champion_loads_in_a_fresh_process_and_ranks_like_evaluation(
-        served: tuple[Config, Path, Path], tmp_path: Path) -> None:
+def _logged_ranker(served: tuple[Config, Path, Path], tmp_path: Path) -> tuple[str, ModelInfo]:
+    """The ranker logged to a fresh SQLite store under tmp_path: (tracking URI, its ModelInfo)."""
     cfg, checkpoint, items = served
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     experiment = mlflow.create_experiment("serving", artifact_location=(tmp_path / "artifacts").as_uri())
-    name = "gems-sr-test"
     with mlflow.start_run(experiment_id=experiment):
-        info = log_ranker(checkpoint, items, cfg)
+        return uri, log_ranker(checkpoint, items, cfg)
+
+
+@pytest.mark.slow
+def test_registered_champion_loads_in_a_fresh_process_and_ranks_like_evaluation(
+        served: tuple[Config, Path, Path], tmp_path: Path) -> None:
+    cfg, checkpoint, items = served
+    uri, info = _logged_ranker(served, tmp_path)
+    name = "gems-sr-test"
     assert get_champion(name) is None  # no model registered yet: None, not an exception
     tags = {"gems.watermark": "2026-01-01", **metric_tags({"unified": 0.25})}
     v1 = register_version(info.model_uri, name, tags, "first", alias=CHAMPION)
@@ -189,3 +214,105 @@ def test_registered_champion_loads_in_a_fresh_process_and_ranks_like_evaluation(
     assert get_version(name, CHALLENGER) is None
     assert [v.version for v in find_versions(name, "gems.watermark", "2026-01-02")] == [v2.version]
     assert MlflowClient().get_model_version(name, v1.version).tags["test.unified"] == "0.25"
+
+
+BAD_ROWS = [  # (task, history, query, top_k) -> what the response must say
+    (("ads", [], None, None), "row 0: task must be 'search' or 'rec', got 'ads'"),
+    (("rec", ["nope"], None, None), "row 0: history items not in the catalog: ['nope']"),
+    (("search", [], "  ", None), "row 0: a search request needs a non-empty query"),
+    (("rec", [], None, -3), "top_k must be from 1 to 20 (the catalog size), got -3"),
+    (("rec", [], None, 0), "top_k must be from 1 to 20 (the catalog size), got 0"),
+    (("rec", [], None, 21), "top_k must be from 1 to 20 (the catalog size), got 21"),
+]
+
+
+def _ranker(checkpoint: Path, items: Path, cfg: Config) -> GemsRanker:
+    """The pyfunc class as MLflow loads it (load_context with the logged artifacts)."""
+    settings = write_settings(ServingSettings.from_config(cfg), checkpoint / "serving.json")
+    ranker = GemsRanker()
+    ranker.load_context(PythonModelContext(artifacts={MODEL_ARTIFACT: str(checkpoint / "model"),
+                                                      ITEMS_ARTIFACT: str(items),
+                                                      SETTINGS_ARTIFACT: str(settings)}, model_config={}))
+    return ranker
+
+
+@pytest.mark.parametrize(("row", "message"), BAD_ROWS)
+def test_pyfunc_refuses_a_bad_request_with_a_named_invalid_parameter(
+        served: tuple[Config, Path, Path], row: tuple, message: str) -> None:
+    cfg, checkpoint, items = served
+    task, history, query, top_k = row
+    frame = pd.DataFrame({"task": [task], "history_item_ids": [history], "query": [query]})
+    with pytest.raises(MlflowException) as err:
+        _ranker(checkpoint, items, cfg).predict(None, frame, params={"top_k": top_k})
+    assert err.value.message == message and err.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert err.value.get_http_status_code() == 400 and "stack_trace" not in err.value.serialize_as_json()
+
+
+def test_pyfunc_top_k_is_the_count_returned(served: tuple[Config, Path, Path]) -> None:
+    cfg, checkpoint, items = served
+    frame = pd.DataFrame({"task": ["rec"], "history_item_ids": [[]], "query": [None]})
+    ranker = _ranker(checkpoint, items, cfg)
+    for k, expected in ((1, 1), (20, 20), (None, cfg.mlflow.top_k)):
+        assert len(ranker.predict(None, frame, params={"top_k": k})["item_ids"][0]) == expected
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.slow
+def test_served_model_answers_bad_requests_with_400_and_no_traceback(
+        served: tuple[Config, Path, Path], tmp_path: Path) -> None:
+    """`mlflow models serve` on the logged ranker: bad rows get 400 with the pyfunc's sentence only."""
+    cfg = served[0]
+    uri, info = _logged_ranker(served, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = Path(sys.executable).parent  # the server runs `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", info.model_uri,
+               "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)]
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/ping", timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(2)
+        for (task, history, query, top_k), message in BAD_ROWS:
+            payload = {"dataframe_records": [{"task": task, "history_item_ids": history, "query": query}]}
+            if top_k is not None:
+                payload["params"] = {"top_k": top_k}
+            status, body = _post(f"{base}/invocations", payload)
+            assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE", body
+            assert body["message"].endswith(message) and "stack_trace" not in body, body
+            assert "Traceback" not in json.dumps(body) and str(PROJECT_ROOT) not in json.dumps(body)
+        rec = {"task": "rec", "history_item_ids": []}
+        for payload in ({"dataframe_records": [{"history_item_ids": ["1"]}]},  # MLflow's schema checks
+                        {"dataframe_records": [rec], "params": {"top_k": "x"}}):
+            status, body = _post(f"{base}/invocations", payload)
+            assert status == 400 and "stack_trace" not in body and "Traceback" not in json.dumps(body), body
+        ok = {"dataframe_records": [{"task": "rec", "history_item_ids": ["1"], "query": None}]}
+        status, body = _post(f"{base}/invocations", ok)
+        assert status == 200 and len(body["predictions"][0]["item_ids"]) == cfg.mlflow.top_k
+        status, body = _post(f"{base}/invocations", ok | {"params": {"top_k": 3}})
+        assert status == 200 and len(body["predictions"][0]["item_ids"]) == 3
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)

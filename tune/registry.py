@@ -15,7 +15,7 @@ import importlib.metadata
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlflow
@@ -126,8 +126,11 @@ def log_ranker(checkpoint_dir: Path, items_path: Path, cfg: Config, name: str = 
     """Log the checkpoint as the ranking pyfunc under the active run; returns its ModelInfo."""
     model_dir = servable_model_dir(checkpoint_dir)
     items = pd.read_parquet(items_path, columns=["item_id"])
+    # The default top_k fits the catalog: a request that names none must never be refused.
+    serving = ServingSettings.from_config(cfg)
+    serving = replace(serving, top_k=min(serving.top_k, len(items)))
     with tempfile.TemporaryDirectory() as tmp:
-        settings = write_settings(ServingSettings.from_config(cfg), Path(tmp) / "serving.json")
+        settings = write_settings(serving, Path(tmp) / "serving.json")
         items_copy = Path(tmp) / "items.parquet"
         shutil.copyfile(items_path, items_copy)
         return mlflow.pyfunc.log_model(
@@ -135,7 +138,7 @@ def log_ranker(checkpoint_dir: Path, items_path: Path, cfg: Config, name: str = 
             artifacts={MODEL_ARTIFACT: str(model_dir), ITEMS_ARTIFACT: str(items_copy),
                        SETTINGS_ARTIFACT: str(settings)},
             code_paths=[str(PROJECT_ROOT / "gems"), str(PROJECT_ROOT / "tune")],
-            signature=serving_signature(cfg.mlflow.top_k), input_example=input_example(items),
+            signature=serving_signature(serving.top_k), input_example=input_example(items),
             pip_requirements=pip_requirements())
 
 

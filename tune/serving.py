@@ -11,22 +11,25 @@ import ray.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
-import numpy as np
 import pandas as pd
 import polars as pl
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from gems.config import Config
 from gems.prompts import format_prompt
+from tune.serving_requests import RequestError, check_requests, check_top_k, history_ids, is_missing
 
 MODEL_ARTIFACT, ITEMS_ARTIFACT, SETTINGS_ARTIFACT = "model", "items", "settings"
-INPUT_COLUMNS = ("task", "history_item_ids", "query")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,33 +67,16 @@ class Catalog:
         return cls(item_ids=ids, titles=dict(zip(ids, items["title"].fill_null("").to_list(), strict=True)))
 
 
-def _as_list(value: Any) -> list[str]:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return []
-    return [str(v) for v in value]
-
-
-def _as_query(value: Any) -> str | None:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    return str(value)
-
-
 def build_prompts(requests: pd.DataFrame, catalog: Catalog, settings: ServingSettings) -> list[str]:
-    """The prompt preprocessing would have written for each request (last history_len items)."""
-    missing = [c for c in ("task", "history_item_ids") if c not in requests.columns]
-    if missing:
-        raise ValueError(f"requests lack columns {missing}; expected {list(INPUT_COLUMNS)}")
+    """The prompt preprocessing would have written for each request (last history_len items).
+
+    Raises RequestError naming the first row that cannot be ranked (tune.serving_requests)."""
+    check_requests(requests, catalog.titles)
     prompts = []
     queries = requests["query"] if "query" in requests.columns else [None] * len(requests)
     for task, history, query in zip(requests["task"], requests["history_item_ids"], queries, strict=True):
-        if task not in ("search", "rec"):
-            raise ValueError(f"task must be 'search' or 'rec', got {task!r}")
-        ids = _as_list(history)[-settings.history_len:]
-        unknown = [i for i in ids if i not in catalog.titles]
-        if unknown:
-            raise ValueError(f"history items not in the catalog: {unknown[:5]}")
-        text = _as_query(query) if task == "search" else None  # a rec prompt never shows a query
+        ids = history_ids(history)[-settings.history_len:]
+        text = str(query) if task == "search" and not is_missing(query) else None  # rec shows no query
         if text is not None:
             text = text[:settings.query_max_chars]
         prompts.append(format_prompt(task, [(i, catalog.titles[i]) for i in ids], text,
@@ -117,9 +103,9 @@ def rank_requests(model: torch.nn.Module, tokenizer: Any, item_token_ids: torch.
     """Top-k item ids and scores per request row (what the pyfunc returns)."""
     from gems.evaluate import model_scorer
 
-    k = min(top_k or settings.top_k, len(catalog.item_ids))
+    k = check_top_k(settings.top_k if top_k is None else top_k, len(catalog.item_ids))
     prompts = build_prompts(requests, catalog, settings)
-    histories = [_as_list(h)[-settings.history_len:] for h in requests["history_item_ids"]]
+    histories = [history_ids(h)[-settings.history_len:] for h in requests["history_item_ids"]]
     scorer = model_scorer(model, tokenizer, item_token_ids, settings.max_seq_len, settings.batch_size)
     out_ids: list[list[str]] = []
     out_scores: list[list[float]] = []
@@ -161,9 +147,18 @@ class GemsRanker(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        top_k = int((params or {}).get("top_k") or self.settings.top_k)
-        return rank_requests(self.model, self.tokenizer, self.item_token_ids, model_input, self.catalog,
-                             self.settings, top_k=top_k)
+        """Rank, or raise MlflowException with a message only: a bad request is
+        INVALID_PARAMETER_VALUE (HTTP 400), anything else INTERNAL_ERROR (500) with the traceback
+        in the server's log, not in the response."""
+        try:
+            return rank_requests(self.model, self.tokenizer, self.item_token_ids, model_input, self.catalog,
+                                 self.settings, top_k=(params or {}).get("top_k"))
+        except RequestError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        except Exception as err:
+            log.exception("ranking failed")
+            raise MlflowException(f"ranking failed ({type(err).__name__}); the model server's log has "
+                                  "the details", error_code=INTERNAL_ERROR) from err
 
 
 def write_settings(settings: ServingSettings, path: Path) -> Path:
