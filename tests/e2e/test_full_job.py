@@ -10,12 +10,10 @@ exactly as the job's evaluation did. Teardown stops only this head's processes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,8 +23,8 @@ from pathlib import Path
 
 import mlflow
 import polars as pl
-import psutil
 import pytest
+from head_processes import stop_head
 from mlflow import MlflowClient
 
 from gems.config import load_config
@@ -40,29 +38,6 @@ POINTS = ("tune.points_to_evaluate=[{gems.tau: -1.0, gems.r_shared: 4}, {gems.ta
 SPACE = "tune.space={gems.tau: {low: -1.0, high: 3.0}, gems.r_shared: {low: 2, high: 8, integer: true}}"
 
 
-def _head_processes(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if marker in " ".join(proc.info["cmdline"] or []):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-def _stop_head(temp_dir: str) -> None:
-    """Stop only the processes of this head (others may run Ray on the same machine)."""
-    procs = _head_processes(temp_dir)
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-
-
 @pytest.fixture
 def ray_head(tmp_path: Path) -> Iterator[dict[str, str]]:
     """`infra/start_ray_head.sh` with a private temp dir; yields the exported addresses."""
@@ -74,7 +49,7 @@ def ray_head(tmp_path: Path) -> Iterator[dict[str, str]]:
         exports = dict(re.findall(r"export (\w+)=(\S+)", (tmp_path / "head" / "ray_head.env").read_text()))
         yield {**exports, "temp_dir": temp_dir}
     finally:
-        _stop_head(temp_dir)
+        stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
