@@ -207,6 +207,9 @@ def test_sasrec_methods_parse_and_keep_old_study_keys() -> None:
     cfg = load_config("tiny")
     assert study_key(cfg) == study_key(load_config("tiny", ["sasrec.seed=0"]))
     assert study_key(cfg) != study_key(load_config("tiny", ["sasrec.dropout=0.1"]))
+    # the attention kernel is speed only: studies measured under another kernel stay resumable
+    assert study_key(cfg) == study_key(load_config("tiny", ["model.attention=sdpa"]))
+    assert study_key(cfg) != study_key(load_config("tiny", ["train.precision=bf16"]))
 
 
 def test_config_section_validates() -> None:

@@ -44,6 +44,7 @@ from gems.sasrec_config import SASRecConfig
 from gems.sasrec_floor import evaluate_sasrec
 from tune import compare_results as res
 from tune.compare_methods import MethodSpec
+from tune.run_params import config_params
 from tune.tracking import log_run_context, parent_run, run_tags, setup_tracking
 from tune.trainer import run_training
 
@@ -93,6 +94,7 @@ def study_key(cfg: Config) -> str:
     if cfg.sasrec == SASRecConfig():  # keys of studies written before the section existed stay valid
         exclude.add("sasrec")
     payload = cfg.model_dump(mode="json", exclude=exclude)
+    payload["model"].pop("attention")  # a kernel choice (same scores, tested): speed, not a result
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -227,9 +229,7 @@ def _run_llm(cfg: Config, spec: MethodSpec, seed: int, shard_dir: Path, test: pl
                           tags={**run_tags(run_cfg, None), "gems.compare_label": spec.label,
                                 "gems.overrides": ";".join(spec.overrides)}):
         mlflow.log_params({"method": spec.method, "seed": seed, "label": spec.label,
-                           **{f"gems.{k}": v for k, v in run_cfg.gems.model_dump(mode="json").items()
-                              if not isinstance(v, dict | list)},
-                           **{f"train.{k}": v for k, v in run_cfg.train.model_dump(mode="json").items()}})
+                           **config_params(run_cfg)})
         for h in outcome.history:
             mlflow.log_metrics(_numeric(h), step=int(h.get("step", 0)))
         mlflow.log_metrics({**flatten_metrics(result.metrics, prefix="test/"),
