@@ -20,6 +20,7 @@ import pytest
 from mlflow import MlflowClient
 
 from gems.config import load_config
+from tune.run_params import config_params
 from tune.sweep import max_concurrent_trials, study_storage_url
 from tune.tracked_sweep import SWEEP_TAG
 from tune.trial_runs import TRIAL_ID_TAG
@@ -115,7 +116,16 @@ def test_failed_trial_is_recorded_and_interrupted_sweep_resumes(tmp_path: Path) 
     assert {"sweep/search_vs_rec.png", "sweep/parallel_coordinates.png", "sweep/trials.json",
             "sweep/summary.json", "sweep/param_importances_unified.png"} <= sweep_files
 
-    cfg = load_config("tiny", [f"state_dir={state}"])
+    # every hyperparameter is a param: the parent shows the space, each trial its point, and the
+    # resumed sweep logged them again without tripping over MLflow's immutable params
+    cfg = load_config("tiny", [f"state_dir={state}", f"mlflow.tracking_uri={uri}", *SETTINGS])
+    fixed = {k: v for k, v in config_params(cfg).items() if k != "gems.tau"}
+    assert parents[0].data.params["gems.tau"].startswith("searched {")
+    for run in [parents[0], *children]:
+        assert {k: run.data.params.get(k) for k in fixed} == fixed, run.info.run_id
+        assert not any(k.startswith("mlflow.") for k in run.data.params)
+    assert {"train.lr", "gems.t_svd", "gems.k", "gems.alpha", "gems.r_search", "gems.r_rec"} <= set(fixed)
+
     study = optuna.load_study(study_name=summary["sweep"], storage=study_storage_url(cfg))
     n_failed = sum(c.info.status == "FAILED" for c in children)
     states = [t.state for t in study.trials]

@@ -60,6 +60,7 @@ from tune.night_record import (
 )
 from tune.night_view import build_view
 from tune.registry import CHALLENGER, VersionInfo, get_champion, promote, set_alias
+from tune.run_params import config_params, log_new_params
 from tune.tracking import TAG_PREFIX, resolve_tracking_uri, run_tags, setup_tracking
 from tune.warm_start import WarmStart, champion_params, fetch_champion, with_params
 from tune.watermark import NightlyError, NightPlan, list_partitions, parse_watermark, plan_night
@@ -325,6 +326,8 @@ def _run_night(cfg: Config, experiment_id: str, partitions: list[str], events_ro
                                                          active.info.run_id, experiment_id)
             used = {**params, **cfg.nightly.override_params, **best}
             mlflow.log_params({f"param.{k}": v for k, v in used.items()})
+            log_new_params(active.info.run_id, config_params(tcfg, searched=tcfg.tune.space
+                                                             if cfg.nightly.sweep else None))
             mlflow.log_dict(json.loads(tcfg.model_dump_json()), "config/challenger_config.json")
             _log_history(history)
             mlflow.set_tags({CHECKPOINT: str(checkpoint), TRAINED_IN: str(attempt)})

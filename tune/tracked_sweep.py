@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 
 from gems.config import Config
 from tune import plots
+from tune.run_params import config_params, log_new_params
 from tune.sweep import (
     REC_NDCG,
     SEARCH_NDCG,
@@ -76,9 +77,13 @@ def pipeline_run(experiment_id: str, sweep: str, run_name: str, tags: Mapping[st
 def run_logged_sweep(cfg: Config, inputs: SweepInputs, name: str, parent_run_id: str, tracking_uri: str,
                      experiment_id: str, tags: Mapping[str, str], trainable: Trainable = train_trial,
                      system_metrics: bool = True) -> SweepOutcome:
-    """run_sweep with one MLflow child run per trial, then the sweep's figures on the parent."""
+    """run_sweep with one MLflow child run per trial, then the sweep's figures on the parent.
+
+    Every run gets every hyperparameter as a param (tune.run_params): the parent the fixed ones and
+    the search space, each trial the fixed ones and its sampled point."""
+    log_new_params(parent_run_id, config_params(cfg, searched=cfg.tune.space))
     callback = MlflowTrialRuns(tracking_uri, experiment_id, parent_run_id, tags,
-                               system_metrics=system_metrics)
+                               system_metrics=system_metrics, params=config_params(cfg))
     outcome = run_sweep(cfg, inputs, name, callbacks=[callback], trainable=trainable)
     log_sweep_summary(outcome, list(cfg.tune.space))
     return outcome

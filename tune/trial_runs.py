@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from tune import plots
+from tune.run_params import log_new_params, param_value
 from tune.tracking import TAG_PREFIX
 
 TRIAL_ID_TAG = f"{TAG_PREFIX}trial_id"
@@ -60,8 +61,10 @@ class MlflowTrialRuns(Callback):
     """Tune callback: child run per trial with params, per-step metrics, tags, plots, status."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str,
-                 tags: Mapping[str, str] | None = None, system_metrics: bool = True) -> None:
+                 tags: Mapping[str, str] | None = None, system_metrics: bool = True,
+                 params: Mapping[str, str] | None = None) -> None:
         self.tracking_uri = tracking_uri
+        self.params = dict(params or {})  # the sweep's fixed hyperparameters (tune.run_params)
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.tags = dict(tags or {})
@@ -100,11 +103,9 @@ class MlflowTrialRuns(Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         run_id = self.run_for(trial)
-        params = [Param(k, str(v)) for k, v in sorted(trial.config.items()) if not isinstance(v, dict)]
-        existing = self.client.get_run(run_id).data.params
-        params = [p for p in params if p.key not in existing]
-        self.client.log_batch(run_id, params=params,
-                              tags=[RunTag(f"{TAG_PREFIX}trial_status", "RUNNING")])
+        sampled = {k: param_value(v) for k, v in trial.config.items() if not isinstance(v, dict)}
+        log_new_params(run_id, {**self.params, **sampled}, self.client)
+        self.client.log_batch(run_id, tags=[RunTag(f"{TAG_PREFIX}trial_status", "RUNNING")])
         if self.client.get_run(run_id).info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
         if self.system_metrics and trial.trial_id not in self._monitors:
