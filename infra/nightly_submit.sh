@@ -16,7 +16,10 @@
 #   RAY_ADDRESS          job server of the Ray head (default: http://127.0.0.1:8265)
 #   RAY_BIN              the ray CLI (default: $GEMS_REPO/.venv/bin/ray, else ray on PATH)
 #   GEMS_PYTHON          python the entrypoint runs on the head node (default: python)
-#   MLFLOW_TRACKING_URI  passed on to the job when set
+#   MLFLOW_TRACKING_URI  passed on to the job when set, with MLFLOW_TRACKING_USERNAME /
+#                        MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN for a server with
+#                        login (infra/mlflow_server.sh --auth); Ray shows a job's env_vars to
+#                        holders of the head's token, a dry run prints the secrets as ***
 #   GEMS_SUBMIT_DRY_RUN  1 = print the submit command and exit (used by the tests)
 set -euo pipefail
 
@@ -36,17 +39,27 @@ if [[ "${1:-}" == "--" ]]; then shift; fi
 SUBMISSION_ID="nightly-${NIGHT}"
 if (( RETRY )); then SUBMISSION_ID="${SUBMISSION_ID}-retry-$(date -u +%H%M%S)"; fi
 
-# `ray start --head` enables token authentication; the client finds ~/.ray/auth_token itself.
-if [[ -z "${RAY_AUTH_MODE:-}" && -f "${HOME:-/nonexistent}/.ray/auth_token" ]]; then
+# `ray start --head` enables token authentication; the client finds ~/.ray/auth_token itself (or
+# the file in RAY_AUTH_TOKEN_PATH, as infra/start_ray_head.sh's env file exports it).
+if [[ -z "${RAY_AUTH_MODE:-}" && ( -f "${HOME:-/nonexistent}/.ray/auth_token" || -n "${RAY_AUTH_TOKEN_PATH:-}" ) ]]; then
   export RAY_AUTH_MODE=token
 fi
 
-# The uploaded working_dir has no .git: pass the code version and the tracking server along.
-SHA="$(git -C "$REPO" rev-parse HEAD 2>/dev/null || true)"
-ENV_JSON="\"GEMS_NIGHT\": \"${NIGHT}\""
-[[ -n "$SHA" ]] && ENV_JSON="${ENV_JSON}, \"GEMS_GIT_SHA\": \"${SHA}\""
-[[ -n "${MLFLOW_TRACKING_URI:-}" ]] && ENV_JSON="${ENV_JSON}, \"MLFLOW_TRACKING_URI\": \"${MLFLOW_TRACKING_URI}\""
-RUNTIME_ENV="{\"env_vars\": {${ENV_JSON}}}"
+# The uploaded working_dir has no .git: pass the code version and the tracking server (with its
+# credentials, MLflow's own variables) along; JSON built by Python, so any password survives.
+GEMS_GIT_SHA="$(git -C "$REPO" rev-parse HEAD 2>/dev/null || true)"
+export GEMS_NIGHT="$NIGHT" GEMS_GIT_SHA
+runtime_env() {  # $1 = 1: secrets as *** (what a dry run prints)
+  python3 - "$1" <<'PY'
+import json, os, sys
+keys = ("GEMS_NIGHT", "GEMS_GIT_SHA", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+secret = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+env = {k: "***" if sys.argv[1] == "1" and k in secret else os.environ[k] for k in keys if os.environ.get(k)}
+print(json.dumps({"env_vars": env}))
+PY
+}
+RUNTIME_ENV="$(runtime_env "${GEMS_SUBMIT_DRY_RUN:-0}")"
 
 SUBMIT=("$RAY_BIN" job submit --no-wait --address "$RAY_ADDRESS" --submission-id "$SUBMISSION_ID"
         --working-dir "$REPO" --runtime-env-json "$RUNTIME_ENV"

@@ -37,8 +37,9 @@ def _args(job: str, tmp_path: Path) -> tuple[Main, list[str]]:
 
 
 @pytest.mark.parametrize("job", ["full", "nightly", "compare"])
-def test_unreachable_tracking_server_exits_3_before_ray(job: str, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_tracking_server_exits_3_before_ray(
+        job: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     uri = _dead_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     main, args = _args(job, tmp_path)
@@ -60,8 +61,9 @@ def test_smoke_test_with_a_config_is_refused(job: str, tmp_path: Path, capsys: p
 
 def test_nightly_without_partitions_exits_2_before_ray(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "events").mkdir()
-    code = nightly_main(["--config", "tiny", "--set", f"state_dir={tmp_path}", "--set", "data.source=events",
-                         "--set", f"data.path={tmp_path / 'events'}", "--set", "data.items_path=items.parquet"])
+    events = ["data.source=events", f"data.path={tmp_path / 'events'}", "data.items_path=items.parquet"]
+    code = nightly_main(["--config", "tiny", "--set", f"state_dir={tmp_path}",
+                         *[arg for o in events for arg in ("--set", o)]])
     assert code == 2
     assert f"nightly: no day partitions with data under {tmp_path / 'events'}" in capsys.readouterr().err
     assert not ray.is_initialized()
@@ -69,8 +71,9 @@ def test_nightly_without_partitions_exits_2_before_ray(tmp_path: Path, capsys: p
 
 def test_train_with_missing_events_exits_5_before_ray(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "no-such-events"
-    code = train_main(["--config", "tiny", "--set", f"state_dir={tmp_path}", "--set", "data.source=events",
-                       "--set", f"data.path={missing}", "--set", f"data.items_path={tmp_path / 'items.jsonl'}"])
+    events = ["data.source=events", f"data.path={missing}", f"data.items_path={tmp_path / 'items.jsonl'}"]
+    code = train_main(["--config", "tiny", "--set", f"state_dir={tmp_path}",
+                       *[arg for o in events for arg in ("--set", o)]])
     assert code == 5
     assert f"input error: data.path does not exist: {missing}" in capsys.readouterr().err
     assert not ray.is_initialized()

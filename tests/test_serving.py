@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModelContext
+from servers import wait_until_up
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gems.config import PROJECT_ROOT, Config, load_config
@@ -286,14 +286,7 @@ def test_served_model_answers_bad_requests_with_400_and_no_traceback(
                                 start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/ping", timeout=5)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-                time.sleep(2)
+        wait_until_up(f"{base}/ping", proc, log_path)
         for (task, history, query, top_k), message in BAD_ROWS:
             payload = {"dataframe_records": [{"task": task, "history_item_ids": history, "query": query}]}
             if top_k is not None:

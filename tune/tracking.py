@@ -20,6 +20,7 @@ from typing import Any
 import mlflow
 import polars as pl
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from gems.config import PROJECT_ROOT, Config
 
@@ -87,17 +88,36 @@ def setup_tracking(cfg: Config) -> str:
     if uri != user_uri and os.environ.get("MLFLOW_TRACKING_URI") == uri:
         _uris_we_exported.add(uri)
     mlflow.set_registry_uri(uri)
+    try:
+        experiment_id = _experiment_id(cfg, uri)
+    except MlflowException as err:
+        if err.get_http_status_code() not in (401, 403):
+            raise
+        raise TrackingError(refused_message(uri, err.get_http_status_code())) from None
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def _experiment_id(cfg: Config, uri: str) -> str:
+    """The configured experiment, created on first use (a local store's artifacts under state)."""
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     if experiment is not None:
-        experiment_id = experiment.experiment_id
-    else:
-        artifact_location = None
-        if not uri.startswith(REMOTE_SCHEMES):
-            artifact_location = (cfg.state_path / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_location)
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return experiment_id
+        return experiment.experiment_id
+    artifact_location = None
+    if not uri.startswith(REMOTE_SCHEMES):
+        artifact_location = (cfg.state_path / "mlartifacts").as_uri()
+    return client.create_experiment(cfg.mlflow.experiment, artifact_location=artifact_location)
+
+
+def refused_message(uri: str, status: int) -> str:
+    """Why a server that answers /health refuses the job, and what to set (an auth server, e.g.
+    infra/mlflow_server.sh --auth, answers /health to anyone and 401/403 to the API)."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    who = f"user {user!r}" if user else "a request without credentials (MLFLOW_TRACKING_USERNAME unset)"
+    return (f"MLflow server {uri} refused {who} with HTTP {status}; set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account that may write to the "
+            "experiment")
 
 
 def ui_command(uri: str) -> str:
