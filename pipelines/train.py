@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"cannot resume: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True,
-             log_to_driver=False)
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True)
     try:
         shard_dir = shards_ready(cfg)
     except InputError as err:  # incl. no examples: found while preprocessing, reported the same way

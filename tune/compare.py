@@ -68,7 +68,7 @@ def ensure_ray(cfg: Config) -> None:
     """A local Ray big enough for one training run (workers x CPUs) if none is running."""
     if not ray.is_initialized():
         cpus = max(2, math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=cpus, include_dashboard=False)
 
 
 def prepare_shards(cfg: Config) -> tuple[Path, dict[str, Any]]:

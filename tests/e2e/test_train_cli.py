@@ -4,6 +4,7 @@ Train and prints the checkpoint and metrics; a bad --resume fails with a clear m
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,10 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_smoke_test_trains_and_reports(tmp_path: Path) -> None:
     proc = _run("--config", "tiny", "--smoke-test", "--num-cpus", "2", "--set", f"state_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])
+    summary = json.loads(proc.stdout[proc.stdout.index("{\n"):proc.stdout.rindex("}") + 1])
+    assert re.search(r"step 2/4 \| loss [0-9.]+ .*\| s/step", proc.stdout + proc.stderr), \
+        "rank 0's progress lines reach the terminal"
+
     checkpoint = Path(summary["checkpoint"])
     assert checkpoint.is_dir() and checkpoint.is_relative_to(tmp_path)
     assert (checkpoint / "model" / "model.safetensors").is_file()
