@@ -49,8 +49,10 @@ fi
 # credentials, MLflow's own variables) along; JSON built by Python, so any password survives.
 GEMS_GIT_SHA="$(git -C "$REPO" rev-parse HEAD 2>/dev/null || true)"
 export GEMS_NIGHT="$NIGHT" GEMS_GIT_SHA
+PY_BIN="$REPO/.venv/bin/python"
+[[ -x "$PY_BIN" ]] || PY_BIN=python3  # cron's PATH may hold no python3: the checkout's venv first
 runtime_env() {  # $1 = 1: secrets as *** (what a dry run prints)
-  python3 - "$1" <<'PY'
+  "$PY_BIN" - "$1" <<'PY'
 import json, os, sys
 keys = ("GEMS_NIGHT", "GEMS_GIT_SHA", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
         "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
