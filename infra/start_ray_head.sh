@@ -82,6 +82,8 @@ PY
   echo "export RAY_GCS_ADDRESS=$HEAD_IP:$GCS_PORT"
   echo "export RAY_AUTH_MODE=token"
   [ -n "${RAY_AUTH_TOKEN_PATH:-}" ] && echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
+  # A driver outside a job (ray.init(address=...)) resolves 127.0.0.1 like the head only with this.
+  [ "${#LOOPBACK[@]}" -gt 0 ] && echo "export ${LOOPBACK[0]}"
   true
 } > "$STATE_DIR/ray_head.env"
 echo "Ray head: GCS $HEAD_IP:$GCS_PORT, dashboard/jobs http://$HEAD_IP:$DASH_PORT (token auth)"

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -106,6 +107,19 @@ def test_the_job_server_needs_the_token(head: Head) -> None:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {head.token}"})
     with urllib.request.urlopen(request, timeout=30) as response:
         assert response.status == 200
+
+
+DRIVER = ("import os, ray; ray.init(address=os.environ['RAY_GCS_ADDRESS'], log_to_driver=False); "
+          "print(ray.get(ray.remote(lambda: 'ran on ' + ray.util.get_node_ip_address()).remote()))")
+
+
+@pytest.mark.slow
+def test_a_driver_with_the_env_file_runs_a_task_on_the_head(head: Head) -> None:
+    """What `source ray_head.env` gives a shell: the token and the loopback resolution Ray needs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | head.exports
+    out = subprocess.run([sys.executable, "-c", DRIVER], env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ran on 127.0.0.1"), out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "::"])
