@@ -256,6 +256,19 @@ def test_pyfunc_top_k_is_the_count_returned(served: tuple[Config, Path, Path]) -
         assert len(ranker.predict(None, frame, params={"top_k": k})["item_ids"][0]) == expected
 
 
+def test_pyfunc_turns_an_internal_failure_into_a_message_without_traceback(
+        served: tuple[Config, Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    cfg, checkpoint, items = served
+    ranker = _ranker(checkpoint, items, cfg)
+    ranker.item_token_ids = torch.full_like(ranker.item_token_ids, 10**9)  # a broken model: no such rows
+    frame = pd.DataFrame({"task": ["rec"], "history_item_ids": [[]], "query": [None]})
+    with pytest.raises(MlflowException) as err:
+        ranker.predict(None, frame)
+    assert err.value.error_code == "INTERNAL_ERROR" and err.value.get_http_status_code() == 500
+    assert err.value.message.startswith("ranking failed (") and "the model server's log" in err.value.message
+    assert "Traceback" not in err.value.serialize_as_json() and "Traceback" in caplog.text
+
+
 def _post(url: str, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
