@@ -290,7 +290,8 @@ def run_comparison(cfg: Config, specs: Sequence[MethodSpec], out_dir: Path, seed
     with parent_run(f"{cfg.name}-compare", tags) as parent:
         log_run_context(cfg, manifest, shard_dir)
         mlflow.log_params({"methods": ",".join(labels)[:500], "seeds": ",".join(map(str, seeds)),
-                           "experiment_id": experiment_id, "command": command[:500]})
+                           "experiment_id": experiment_id, "command": command[:500],
+                           **config_params(cfg)})  # the shared budget; each child has its own
         files = publish()
         floors = [s for s in specs if s.kind == "floor" and (s.method, cfg.data.seed) not in done]
         if floors:
