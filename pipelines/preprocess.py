@@ -3,8 +3,9 @@
 Run: .venv/bin/python pipelines/preprocess.py --config tiny [--set data.num_buckets=8 ...]
      .venv/bin/python pipelines/preprocess.py --config demo --smoke-test
 Prints the manifest summary (counts per split/task, quarantine by reason, event-day range,
-fingerprint). Exit codes: 0 done, 2 config or input error (checked before Ray starts where it can
-be), 3 no examples (e.g. every row quarantined; the quarantine summary is printed).
+fingerprint). Exit codes as in every job (pipelines/preflight.py): 0 done, 2 config, 5 input data
+(checked before Ray starts where it can be; also no examples at all, e.g. every row quarantined,
+with the quarantine summary printed).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import ray  # noqa: E402
 from gems.config import ConfigError, load_config  # noqa: E402
 from gems.data.events import InputError  # noqa: E402
 from gems.data.plan import NoExamplesError, check_inputs  # noqa: E402
+from pipelines.preflight import EXIT_INPUT, exit_code  # noqa: E402
 from pipelines.stages.preprocess import run_preprocess  # noqa: E402
 
 SMOKE = ["data.synthetic_users=30", "data.synthetic_items=40", "data.synthetic_days=1",
@@ -58,23 +60,20 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.set) + (SMOKE + ["data.source=synthetic"] if args.smoke_test else [])
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
+        return exit_code(err)
     try:
         check_inputs(cfg)  # seconds, not the 20-35 s of starting Ray first
     except InputError as err:
-        print(f"input error: {err}", file=sys.stderr)
-        return 2
+        return exit_code(err)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True,
              log_to_driver=False)
     try:
         manifest = run_preprocess(cfg)
     except NoExamplesError as err:
         print(f"preprocessing produced no examples (nothing published):\n{err}", file=sys.stderr)
-        return 3
+        return EXIT_INPUT
     except InputError as err:
-        print(f"input error: {err}", file=sys.stderr)
-        return 2
+        return exit_code(err)
     print(json.dumps(summary_of(manifest), indent=2))
     print(f"shards: {cfg.resolve(cfg.data.output_dir)}")
     return 0

@@ -153,7 +153,7 @@ def test_cli_smoke_test_and_input_errors(tmp_path: Path, capsys) -> None:
     code = preprocess_main(["--config", "tiny", "--set", f"state_dir={tmp_path}", "--set",
                             "data.source=events", "--set", "data.path=missing", "--set",
                             "data.items_path=missing"])
-    assert code == 2 and "data.path does not exist" in capsys.readouterr().err
+    assert code == 5 and "data.path does not exist" in capsys.readouterr().err
 
 
 def test_issue_12_inputs_on_ray_end_in_quarantine_or_a_named_error(tmp_path: Path) -> None:
