@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -273,6 +274,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+    # the worker reads a few small tables once; their bars would repaint around every progress line
+    ray.data.DataContext.get_current().enable_progress_bars = False
     seed_everything(tc.seed)
 
     vectors_path = loop_config.get("item_vectors_path")
