@@ -45,14 +45,16 @@ TINY_ITEMS: list[tuple[str, str]] = [
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow_globals() -> Iterator[None]:
-    """MLflow keeps the tracking URI (and exports it to the environment) per process: a test that
-    points it somewhere must not decide where the next test's runs go."""
+    """MLflow keeps the tracking URI and the active experiment (and exports them to the environment)
+    per process: a test that points them somewhere must not decide where the next test's runs go."""
     saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
     uri = mlflow.get_tracking_uri()
+    experiment = mlflow.tracking.fluent._active_experiment_id  # set_experiment's id, of another store
     yield
     while mlflow.active_run() is not None:
         mlflow.end_run()
     mlflow.set_tracking_uri(uri)
+    mlflow.tracking.fluent._active_experiment_id = experiment
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

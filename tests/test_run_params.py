@@ -35,6 +35,7 @@ def test_a_value_longer_than_mlflow_allows_is_cut(tmp_path: Path) -> None:
     params = config_params(load_config("tiny", [f"data.items_path={long_path}"]))
     assert len(params["data.items_path"]) == MAX_PARAM_VAL_LENGTH and params["data.items_path"].endswith("…")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("run-params")
     with mlflow.start_run() as run:
         log_new_params(run.info.run_id, params)
     assert MlflowClient().get_run(run.info.run_id).data.params["data.items_path"] == params["data.items_path"]
@@ -42,6 +43,7 @@ def test_a_value_longer_than_mlflow_allows_is_cut(tmp_path: Path) -> None:
 
 def test_a_resumed_run_logs_again_without_crashing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("run-params")
     params = config_params(load_config("tiny"))
     with mlflow.start_run() as run:
         assert set(log_new_params(run.info.run_id, params)) == set(params)  # > 100: several batches
