@@ -84,13 +84,11 @@ def decide(champion: ModelScores, challenger: ModelScores, tolerance: float,
             reasons.append(f"perplexity ratio {ratio:.4f} within 1 + {retention_tolerance}")
 
     kl = challenger.kl_from_champion
-    if max_kl is None:
-        pass
-    elif kl is None:
+    if max_kl is not None and kl is None:
         reasons.append("language drift not compared: KL from the champion was not measured")
-    elif not math.isfinite(kl) or kl > max_kl:
+    elif max_kl is not None and (not math.isfinite(kl) or kl > max_kl):
         ok = False
         reasons.append(f"general-text KL from the champion {kl:.4f} nats/token exceeds {max_kl}")
-    else:
+    elif max_kl is not None:
         reasons.append(f"general-text KL from the champion {kl:.4f} nats/token within {max_kl}")
     return Decision(promote=ok, reasons=tuple(reasons), unified_delta=delta, perplexity_ratio=ratio)
