@@ -1,6 +1,7 @@
 """A whole training step at the study's batch, against this machine's matmul peak (MFU).
 
-Run: .venv/bin/python tests/benchmarks/bench_step.py --model smollm2-135m --batch 16 --steps 6 [--attention sdpa]
+Run: .venv/bin/python tests/benchmarks/bench_step.py --model smollm2-135m --batch 16 --steps 6
+     .venv/bin/python tests/benchmarks/bench_step.py --model smollm2-135m --attention sdpa  (kernel)
      .venv/bin/python tests/benchmarks/bench_step.py --model smollm2-135m --profile   (top ops)
 
 In one process, side by side: the machine's fp32 and bf16 matmul peak (median GFLOP/s of a square
