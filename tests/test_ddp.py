@@ -57,14 +57,23 @@ def test_two_ranks_stay_identical_and_match_one_process(tmp_path: Path) -> None:
         assert torch.equal(p, r1["params"][name]), f"ranks differ on {name}"
     assert r0["losses"] == r1["losses"]  # losses are reduced over ranks too
 
-    # one process, both ranks' examples as micro-batches of the same step: the same global gradient
+    # one process, both ranks' examples as micro-batches of the same step: the same global gradient.
+    # Adam normalises each coordinate, so round-off in the all-reduce (~1e-7 of a gradient) grows on
+    # coordinates whose gradients nearly cancel: the trajectories agree to a share of each tensor's
+    # movement, not to an absolute 1e-5 (that failed on another CPU). A wrongly scaled or missing
+    # reduction moves tensors by a different amount altogether, and changes the clipped loss path.
     model, tok, method = _setup(tmp_path)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = []
     for step in range(STEPS):
         parts = [_rank_batches(len(tok), r, step) for r in (0, 1)]
-        method.train_step({t: parts[0][t] + parts[1][t] for t in ("search", "rec")}, max_grad_norm=1.0,
-                          measure_conflict=step % 2 == 0)
+        stats = method.train_step({t: parts[0][t] + parts[1][t] for t in ("search", "rec")}, max_grad_norm=1.0,
+                                  measure_conflict=step % 2 == 0)
+        losses.append(stats.mixed_loss)
+    assert r0["losses"] == pytest.approx(losses, rel=1e-4)
     for name, p in model.named_parameters():
-        moved = (r0["params"][name] - start[name]).abs().max()
-        assert moved > 0 or "embed" in name, f"{name} did not train"
-        torch.testing.assert_close(r0["params"][name], p.detach(), atol=1e-5, rtol=1e-4, msg=name)
+        moved_ddp = r0["params"][name] - start[name]
+        moved_one = p.detach() - start[name]
+        assert moved_ddp.abs().max() > 0, f"{name} did not train"
+        gap = (moved_ddp - moved_one).abs().max().item()
+        assert gap <= 0.02 * moved_one.abs().max().item() + 1e-6, f"{name}: DDP and one process differ by {gap:.2e}"
