@@ -227,6 +227,10 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers.")
     use_gpu: bool = Field(False, description="GPU actors (production) or CPU workers (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0, le=1024, description="CPUs reserved per worker.")
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="Intra-op threads per CPU "
+                                      "worker (None = cpus_per_worker). A sweep that runs one trial at "
+                                      "a time keeps tune.data_cpus free for the worker's table reads "
+                                      "at start-up; after them that CPU idles unless the worker uses it.")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto probes bf16 "
                                                        "autocast speed at start-up and records it.")
     lr: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.")

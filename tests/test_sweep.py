@@ -186,8 +186,9 @@ def test_searcher_samples_the_space_under_the_limit_and_persists_the_study(
 def test_asha_counts_evaluations_of_a_trial() -> None:
     from tune.sweep import build_scheduler, evals_per_trial
 
-    assert evals_per_trial(load_config("demo")) == 3  # tune.eval_every=10 over 30 steps
-    assert evals_per_trial(load_config("demo", ["train.max_steps=35"])) == 4  # and always at the end
+    every_10 = ["tune.eval_every=10"]
+    assert evals_per_trial(load_config("demo", [*every_10, "train.max_steps=30"])) == 3
+    assert evals_per_trial(load_config("demo", [*every_10, "train.max_steps=35"])) == 4  # and always at the end
     assert evals_per_trial(load_config("tiny")) == 1  # only the final evaluation: ASHA has nothing to cut
-    scheduler = build_scheduler(load_config("demo"))
+    scheduler = build_scheduler(load_config("demo", [*every_10, "train.max_steps=30"]))
     assert scheduler._time_attr == "evals" and scheduler._max_t == 3

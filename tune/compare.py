@@ -95,6 +95,7 @@ def study_key(cfg: Config) -> str:
         exclude.add("sasrec")
     payload = cfg.model_dump(mode="json", exclude=exclude)
     payload["model"].pop("attention")  # a kernel choice (same scores, tested): speed, not a result
+    payload["train"].pop("torch_threads")  # speed, not a result
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

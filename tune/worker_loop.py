@@ -273,7 +273,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+        torch.set_num_threads(tc.torch_threads or max(1, int(tc.cpus_per_worker)))
     # the worker reads a few small tables once; their bars would repaint around every progress line
     ray.data.DataContext.get_current().enable_progress_bars = False
     seed_everything(tc.seed)
@@ -331,6 +331,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             continue
         metrics: dict[str, Any] = {"step": done, "train/lr": current_lr(schedule),
                                    "train/precision_bf16": float(autocast_dtype is not None),
+                                   "train/torch_threads": float(torch.get_num_threads()),
                                    **window.flush(world)}
         if is_eval and val is not None:
             metrics.update(_evaluate(_unwrap(train_model), tokenizer, val, item_ids, val_token_ids, cfg))

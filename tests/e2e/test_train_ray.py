@@ -94,6 +94,7 @@ def test_two_workers_stay_identical_and_learn(uninterrupted: TrainOutcome) -> No
     out = uninterrupted
     assert [h["step"] for h in out.history] == [2, 3, 4, 6]  # reports and checkpoints
     assert out.metrics["train/replicas_identical"] == 1.0
+    assert out.metrics["train/torch_threads"] == 1.0  # cpus_per_worker, when torch_threads is unset
     assert out.history[-1]["train/loss"] < out.history[0]["train/loss"]
     for key in ("train/loss_search", "train/loss_rec", "train/gate_search", "train/gate_rec",
                 "train/lr", "train/tokens_per_s", "val/unified", "val/search/full/ndcg_at_10"):
@@ -124,12 +125,13 @@ def test_collab_item_init_and_learning_metrics(ray_cluster, workdir: Path, shard
     start from the same rows (replicas identical); the window reports tokens, padding and the gate
     range; the catalog loss starts near ln(catalog)."""
     cfg = _cfg(workdir, "train.loss=catalog", "items.init=title+collab", "sasrec.max_epochs=3",
-               "sasrec.patience=1", "train.max_steps=2", "train.checkpoint_every=2")
+               "sasrec.patience=1", "train.max_steps=2", "train.checkpoint_every=2", "train.torch_threads=2")
     out = run_training(cfg, shards, run_name="collab")
     cached = list((workdir / "cache" / "item_vectors").glob("sasrec-*.safetensors"))
     assert len(cached) == 1
     assert out.metrics["train/replicas_identical"] == 1.0
     first = out.history[0]
+    assert first["train/torch_threads"] == 2.0  # more threads than the 1 CPU reserved, on request
     assert 0.0 <= first["train/padding_share"] < 1.0 and first["train/tokens_per_step"] > 0
     assert first["train/gate_search_min"] <= first["train/gate_search"] <= first["train/gate_search_max"]
     assert abs(first["train/loss"] - math.log(N_ITEMS)) < 1.5
