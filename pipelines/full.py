@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     from gems.data.events import InputError
     from gems.data.plan import check_inputs
     from gems.data.shards import read_split
-    from pipelines.stages.preprocess import run_preprocess
     from tune.champion import evaluate_checkpoint, log_test_report, register_champion
+    from tune.ingest.preprocess import run_preprocess
     from tune.space import apply_params
     from tune.sweep import SweepInputs, SweepInterrupted, best_trial, sweep_name
     from tune.sweep_bases import sweep_bases

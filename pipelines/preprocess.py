@@ -25,7 +25,7 @@ from gems.config import ConfigError, load_config  # noqa: E402
 from gems.data.events import InputError  # noqa: E402
 from gems.data.plan import NoExamplesError, check_inputs  # noqa: E402
 from pipelines.preflight import EXIT_INPUT, exit_code  # noqa: E402
-from pipelines.stages.preprocess import run_preprocess  # noqa: E402
+from tune.ingest.preprocess import run_preprocess  # noqa: E402
 
 SMOKE = ["data.synthetic_users=30", "data.synthetic_items=40", "data.synthetic_days=1",
          "data.num_buckets=2", "data.output_dir=smoke/shards", "data.path=smoke/raw"]

@@ -49,7 +49,7 @@ def shards_ready(cfg: Config) -> Path:
     """The shard dir, preprocessing the configured source first if it has no manifest yet."""
     shard_dir = cfg.resolve(cfg.data.output_dir)
     if not (shard_dir / "manifest.json").is_file():
-        from pipelines.stages.preprocess import run_preprocess
+        from tune.ingest.preprocess import run_preprocess
 
         logging.info("no shards in %s: preprocessing %s first", shard_dir, cfg.data.source)
         run_preprocess(cfg)

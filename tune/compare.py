@@ -73,7 +73,7 @@ def ensure_ray(cfg: Config) -> None:
 
 def prepare_shards(cfg: Config) -> tuple[Path, dict[str, Any]]:
     """Prompt shards for cfg.data: reused when their manifest was built from the same data config."""
-    from pipelines.stages.preprocess import run_preprocess
+    from tune.ingest.preprocess import run_preprocess
 
     shard_dir = cfg.resolve(cfg.data.output_dir)
     try:

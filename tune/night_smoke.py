@@ -18,7 +18,7 @@ import polars as pl
 
 from gems.config import Config
 from gems.data.simulate import SimulationParams, day_name, simulate
-from pipelines.stages.preprocess import run_preprocess
+from tune.ingest.preprocess import run_preprocess
 from tune.registry import CHAMPION, VersionInfo, log_ranker, metric_tags, register_version
 from tune.tracking import run_tags, setup_tracking
 from tune.warm_start import PARAM_TAG_PREFIX

@@ -39,8 +39,8 @@ from mlflow.entities import Run
 
 from gems.config import Config, config_from_dict
 from gems.data.shards import read_manifest
-from pipelines.stages.preprocess import run_preprocess
 from tune.decision import decide
+from tune.ingest.preprocess import run_preprocess
 from tune.night_eval import run_evaluation, scores_of
 from tune.night_record import (
     ATTEMPTS,
