@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.cli import Job, job_parser, load_job_config, setup_logging  # noqa: E402
 from pipelines.preflight import PREFLIGHT_ERRORS, exit_code  # noqa: E402
-from tune.compare import run_comparison  # noqa: E402
-from tune.compare_methods import parse_methods, parse_seeds  # noqa: E402
-from tune.tracking import setup_tracking  # noqa: E402
+from tune.registry.tracking import setup_tracking  # noqa: E402
+from tune.study.methods import parse_methods, parse_seeds  # noqa: E402
+from tune.study.run import run_comparison  # noqa: E402
 
 DEFAULT_METHODS = "gems,adamw,lora,galore,popularity,bm25"
 JOB = Job("compare", "amazon")

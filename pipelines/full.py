@@ -26,7 +26,7 @@ import mlflow  # noqa: E402
 from gems.config import Config  # noqa: E402
 from pipelines.cli import Job, job_parser, load_job_config, setup_logging, start_ray  # noqa: E402
 from pipelines.preflight import EXIT_INTERRUPTED, PREFLIGHT_ERRORS, exit_code  # noqa: E402
-from tune.tracking import (  # noqa: E402
+from tune.registry.tracking import (  # noqa: E402
     log_dataset_inputs,
     log_run_context,
     run_tags,
@@ -75,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     from gems.data.events import InputError
     from gems.data.plan import check_inputs
     from gems.data.shards import read_split
-    from tune.champion import evaluate_checkpoint, log_test_report, register_champion
     from tune.ingest.preprocess import run_preprocess
-    from tune.space import apply_params
-    from tune.sweep import SweepInputs, SweepInterrupted, best_trial, sweep_name
-    from tune.sweep_bases import sweep_bases
-    from tune.tracked_sweep import REGISTERED_TAG, pipeline_run, run_logged_sweep
+    from tune.sweep.bases import sweep_bases
+    from tune.sweep.champion import evaluate_checkpoint, log_test_report, register_champion
+    from tune.sweep.parent_run import REGISTERED_TAG, pipeline_run, run_logged_sweep
+    from tune.sweep.space import apply_params
+    from tune.sweep.tuner import SweepInputs, SweepInterrupted, best_trial, sweep_name
 
     stages: dict[str, float] = {}  # seconds per stage, logged on the parent run
 

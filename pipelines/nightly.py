@@ -4,7 +4,7 @@ Run: .venv/bin/python pipelines/nightly.py --config demo            (after pipel
      .venv/bin/python pipelines/nightly.py --smoke-test              (self-contained: tiny model, 2 days)
      infra/nightly_submit.sh                                         (what cron / systemd run)
 Prints what happened (no new data / already decided / promoted / rejected) and the metrics of
-both models. Safe to run twice and after a crash (see tune/nightly.py). The tracking store, the
+both models. Safe to run twice and after a crash (see tune/nightly/job.py). The tracking store, the
 config and the log partitions are checked before Ray starts (exit codes: pipelines/preflight.py).
 """
 
@@ -26,8 +26,8 @@ from pipelines.cli import (  # noqa: E402
     start_ray,
 )
 from pipelines.preflight import EXIT_CONFIG, PREFLIGHT_ERRORS, exit_code  # noqa: E402
-from tune.tracking import setup_tracking  # noqa: E402
-from tune.watermark import NightlyError  # noqa: E402
+from tune.nightly.plan import NightlyError  # noqa: E402
+from tune.registry.tracking import setup_tracking  # noqa: E402
 
 JOB = Job("nightly", "demo")
 SMOKE_DAYS = 2
@@ -35,8 +35,8 @@ SMOKE_DAYS = 2
 
 def _smoke_setup(config: str, overrides: list[str]) -> None:
     """Land simulated day 1 (and a champion trained on it) once, then day 2 for tonight."""
-    from tune.night_smoke import bootstrap_champion, land_day, simulate_source
-    from tune.registry import get_champion
+    from tune.nightly.smoke import bootstrap_champion, land_day, simulate_source
+    from tune.registry.models import get_champion
 
     cfg = load_config(config, overrides)
     source, params = simulate_source(cfg, SMOKE_DAYS)
@@ -51,7 +51,7 @@ def _smoke_setup(config: str, overrides: list[str]) -> None:
 
 def _champion_version(name: str) -> str | None:
     """The champion now (an outcome that did not look, e.g. a night in progress elsewhere)."""
-    from tune.registry import get_champion
+    from tune.registry.models import get_champion
 
     champion = get_champion(name)
     return champion.version if champion else None
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_tracking(cfg)  # a dead tracking server fails here, in seconds, before Ray starts
     except PREFLIGHT_ERRORS as err:
         return exit_code(err)
-    from tune.nightly import check_night_inputs, run_nightly
+    from tune.nightly.job import check_night_inputs, run_nightly
 
     try:
         check_night_inputs(cfg, simulated=args.smoke_test)

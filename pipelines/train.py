@@ -27,8 +27,8 @@ from gems.data.events import InputError  # noqa: E402
 from gems.data.plan import check_inputs  # noqa: E402
 from pipelines.cli import Job, job_parser, load_job_config, setup_logging, start_ray  # noqa: E402
 from pipelines.preflight import EXIT_CONFIG, PREFLIGHT_ERRORS, exit_code  # noqa: E402
-from tune.bases import prepare_bases  # noqa: E402
-from tune.trainer import TrainOutcome, run_training  # noqa: E402
+from tune.train.bases import prepare_bases  # noqa: E402
+from tune.train.trainer import TrainOutcome, run_training  # noqa: E402
 
 JOB = Job("train", "demo", own_smoke_config=False, smoke_after_set=True)
 

@@ -28,7 +28,7 @@ from gems.config import PROJECT_ROOT, Config, load_config
 from gems.evaluate import evaluate_model
 from gems.model import add_item_tokens
 from gems.prompts import format_prompt
-from tune.registry import (
+from tune.registry.models import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS,
@@ -43,7 +43,7 @@ from tune.registry import (
     register_version,
     servable_model_dir,
 )
-from tune.serving import (
+from tune.serving.ranker import (
     ITEMS_ARTIFACT,
     MODEL_ARTIFACT,
     SETTINGS_ARTIFACT,

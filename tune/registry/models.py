@@ -29,17 +29,17 @@ from mlflow.types import DataType
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
 from gems.config import PROJECT_ROOT, Config
-from tune.serving import (
+from tune.registry.tracking import TAG_PREFIX
+from tune.serving.ranker import (
     ITEMS_ARTIFACT,
     MODEL_ARTIFACT,
     SETTINGS_ARTIFACT,
     ServingSettings,
     write_settings,
 )
-from tune.tracking import TAG_PREFIX
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
-SERVING_MODEL_FILE = PROJECT_ROOT / "tune" / "serving_model.py"  # models from code: nothing pickled
+SERVING_MODEL_FILE = PROJECT_ROOT / "tune" / "serving" / "model_file.py"  # models from code: nothing pickled
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "polars", "pandas", "numpy",
                     "pydantic", "pyyaml", "tqdm", "mlflow")
 

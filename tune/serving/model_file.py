@@ -7,6 +7,6 @@ takes the model it sets.
 
 import mlflow.models
 
-from tune.serving import GemsRanker
+from tune.serving.ranker import GemsRanker
 
 mlflow.models.set_model(GemsRanker())
