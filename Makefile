@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check gems tune pipelines tests
+	$(BIN)/ruff check gems tune serving pipelines tests
 
 clean:
 	rm -rf $(VENV) .state

@@ -1,6 +1,6 @@
 """Warm start from the registered champion: its weights, its item tokens, its hyperparameters.
 
-The champion is a ranking pyfunc (tune/serving/ranker.py) whose artifacts hold a plain Hugging Face model
+The champion is a ranking pyfunc (serving/ranker.py) whose artifacts hold a plain Hugging Face model
 directory (weights + tokenizer with every item token it knows) and its catalog. Downloading that
 directory and pointing ``model.name_or_path`` at it is the whole warm start: the training loop
 loads it like any backbone and ``gems.model.add_item_tokens`` gives items first seen in the new
@@ -22,10 +22,10 @@ from mlflow import MlflowClient
 from mlflow.models import Model
 
 from gems.config import Config, ConfigError
+from serving.ranker import ITEMS_ARTIFACT, MODEL_ARTIFACT
 from tune.nightly.plan import NightlyError
 from tune.registry.models import VersionInfo
 from tune.registry.tracking import TAG_PREFIX
-from tune.serving.ranker import ITEMS_ARTIFACT, MODEL_ARTIFACT
 from tune.sweep.space import apply_params
 
 log = logging.getLogger(__name__)
