@@ -134,10 +134,14 @@ class ItemsConfig(_Section):
     init: Literal["title", "collab", "title+collab"] = Field(
         "title", description="Where item-token rows start: the mean of the title's token embeddings "
         "(language knowledge), collaborative vectors of a SASRec trained on the same train split and "
-        "mapped to the backbone's width by a ridge fit onto the title rows (who-bought-what, as "
+        "mapped to the backbone's width by a map fitted onto the title rows (who-bought-what, as "
         "E4SRec/LLaRA bring ID recommenders into an LLM), or the mean of both.")
-    collab_ridge: float = Field(1e-3, ge=0, le=100, description="Ridge strength of the map from "
-                                "collaborative vectors to the backbone's width (relative).")
+    collab_map: Literal["orthogonal", "ridge"] = Field(
+        "orthogonal", description="Map from collaborative vectors to the backbone's width: a scaled "
+        "rotation closest to the title rows (keeps which items go together) or a ridge fit onto "
+        "them (keeps only what the vectors say about the titles).")
+    collab_ridge: float = Field(1e-3, ge=0, le=100, description="Ridge strength of the ridge map "
+                                "(relative).")
 
 
 class GateWeights(_Section):

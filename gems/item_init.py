@@ -3,9 +3,9 @@
 A title mean tells the model what an item is; it says nothing about who buys it with what, which
 is most of what next-item recommendation needs and what an LLM cannot infer from a few steps. As
 E4SRec and LLaRA do, an ID-based recommender (SASRec, :mod:`gems.sasrec`) trained on the same
-train split supplies one vector per item; a ridge map fitted from those vectors onto the title
-rows carries them into the backbone's embedding space and scale, so the model reads them like
-any other token row from step 0.
+train split supplies one vector per item; a map fitted from those vectors onto the title rows
+(a scaled rotation by default, which keeps which items go together) carries them into the
+backbone's embedding space and scale, so the model reads them like any other token row from step 0.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def aligned_vectors(vectors: torch.Tensor, vector_item_ids: Sequence[str],
 
 
 def init_item_rows(model: nn.Module, item_token_ids: Sequence[int], vectors: torch.Tensor,
-                   mode: str, ridge: float = 1e-3) -> None:
+                   mode: str, ridge: float = 1e-3, mapping: str = "orthogonal") -> None:
     """Overwrite the item rows (embedding, and an untied head) per ``mode``; ``vectors`` [n_items, h]
     in the order of ``item_token_ids``. ``title`` leaves the rows as they are."""
     if mode not in INIT_MODES:
@@ -47,6 +47,6 @@ def init_item_rows(model: nn.Module, item_token_ids: Sequence[int], vectors: tor
         rows = ids.to(weight.device)
         with torch.no_grad():
             title = weight[rows].float()
-            collab = project_to_width(vectors.float().to(weight.device), title, ridge)
+            collab = project_to_width(vectors.float().to(weight.device), title, ridge, mapping)
             new = collab if mode == "collab" else 0.5 * (title + collab)
             weight[rows] = new.to(weight.dtype)

@@ -2,9 +2,10 @@
 
 DESIGN.md section 4: item rows may start from collaborative embeddings (as E4SRec and LLaRA do)
 besides the title mean. SASRec's vectors live in their own space (width 64, their own scale), so
-``project_to_width`` fits one linear map (ridge least squares) from them to the LLM's title-mean
-item rows: the projected rows then sit in the backbone's embedding scale and distribution, and
-keep what the collaborative signal says about which items go together as far as a linear map can.
+``project_to_width`` fits one linear map from them to the LLM's title-mean
+item rows: the projected rows then sit in the backbone's embedding scale and distribution. The
+default map is a scaled rotation (``fit_orthogonal_map``), which keeps which items go together
+exactly; the ridge fit keeps only what the vectors say about the titles.
 Rows are ordered like the catalog list they came with (the harness's list is sorted by item id).
 """
 
@@ -58,10 +59,43 @@ def fit_projection(vectors: torch.Tensor, target: torch.Tensor,
     return weight, y_mean - x_mean @ weight
 
 
-def project_to_width(vectors: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
-    """``vectors`` [n, h] mapped by the ridge fit onto ``target`` [n, d] (same item order), in
+def fit_orthogonal_map(vectors: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [h, d], b [d]): the rotation of the centred vectors closest to the centred target
+    (orthogonal Procrustes), times one scale that gives them the target's mean row norm; b is the
+    target's mean.
+
+    Unlike the ridge fit, which keeps only what the vectors say about the target (the title rows),
+    this keeps the vectors' own geometry: every dot product between two centred items changes by
+    the same factor, so an item's collaborative neighbours stay its neighbours in the LLM's rows
+    (Amazon Office, nearest-row ranking from the last history item, 500 val rows: 0.035 NDCG@10
+    after the ridge map, 0.057 after this one, 0.051 in SASRec's own space;
+    tests/benchmarks/probe_item_rows.py)."""
+    if vectors.dim() != 2 or target.dim() != 2 or vectors.shape[0] != target.shape[0]:
+        raise ValueError(f"need vectors [n, h] and target [n, d] with the same n, got "
+                         f"{tuple(vectors.shape)} and {tuple(target.shape)}")
+    x, y = vectors.double(), target.double()
+    x_mean, y_mean = x.mean(dim=0), y.mean(dim=0)
+    xc, yc = x - x_mean, y - y_mean
+    u, _, vh = torch.linalg.svd(xc.T @ yc, full_matrices=False)
+    scale = float(yc.norm(dim=1).mean()) / max(float(xc.norm(dim=1).mean()), 1e-12)
+    weight = scale * (u @ vh)
+    return weight, y_mean - x_mean @ weight
+
+
+COLLAB_MAPS: tuple[str, ...] = ("orthogonal", "ridge")
+
+
+def project_to_width(vectors: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3,
+                     mapping: str = "orthogonal") -> torch.Tensor:
+    """``vectors`` [n, h] mapped onto ``target`` [n, d] (same item order) by ``mapping``
+    (``orthogonal``: :func:`fit_orthogonal_map`; ``ridge``: :func:`fit_projection`), in
     ``target``'s dtype: rows for the LLM's item tokens with the backbone's scale."""
-    weight, bias = fit_projection(vectors, target, ridge)
+    if mapping == "orthogonal":
+        weight, bias = fit_orthogonal_map(vectors, target)
+    elif mapping == "ridge":
+        weight, bias = fit_projection(vectors, target, ridge)
+    else:
+        raise ValueError(f"items.collab_map must be one of {COLLAB_MAPS}, got {mapping!r}")
     return (vectors.double() @ weight + bias).to(target.dtype)
 
 

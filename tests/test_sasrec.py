@@ -18,6 +18,7 @@ from gems.sasrec_config import SASRecConfig
 from gems.sasrec_floor import fuse, sasrec_scorer, tune_fusion_weight, zscore
 from gems.sasrec_train import ValSet, fit_sasrec
 from gems.sasrec_vectors import (
+    fit_orthogonal_map,
     fit_projection,
     load_item_vectors,
     project_to_width,
@@ -135,7 +136,7 @@ def test_projection_recovers_a_known_linear_map_and_vectors_round_trip(tmp_path:
     target = (x @ w + b).to(torch.bfloat16).float()
     weight, bias = fit_projection(x, target, ridge=0.0)
     assert torch.allclose(weight.float(), w, atol=0.05) and torch.allclose(bias.float(), b, atol=0.1)
-    projected = project_to_width(x, target.half(), ridge=1e-4)
+    projected = project_to_width(x, target.half(), ridge=1e-4, mapping="ridge")
     assert projected.dtype == torch.float16 and projected.shape == (300, 40)
     assert float((projected.float() - target).norm() / target.norm()) < 0.01
     path = save_item_vectors(tmp_path / "v" / "sasrec.safetensors", x, [str(i) for i in range(300)])
@@ -143,6 +144,37 @@ def test_projection_recovers_a_known_linear_map_and_vectors_round_trip(tmp_path:
     assert torch.equal(vectors, x) and ids == [str(i) for i in range(300)]
     with pytest.raises(ValueError, match="item ids"):
         save_item_vectors(tmp_path / "bad.safetensors", x, ["1"])
+
+
+def test_orthogonal_map_keeps_which_items_go_together_and_ridge_does_not() -> None:
+    """A known scaled rotation is recovered; item-to-item similarities of the centred vectors
+    survive the map up to one factor, so every item keeps its nearest neighbour. The ridge map onto
+    targets that reflect only part of the vectors loses that."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g)
+    rotation, _ = torch.linalg.qr(torch.randn(24, 8, generator=g))  # 8 orthonormal columns in 24-d
+    target = 3.0 * x @ rotation.T + 1.0
+    weight, bias = fit_orthogonal_map(x, target)
+    torch.testing.assert_close((x.double() @ weight + bias).float(), target, atol=1e-4, rtol=1e-4)
+
+    # targets that carry only 2 of the 8 collaborative directions (e.g. a category), plus noise
+    titles = x[:, :2] @ torch.randn(2, 24, generator=g) + 0.1 * torch.randn(200, 24, generator=g)
+    xc = x - x.mean(0)
+    gram = xc @ xc.T
+    for mapping in ("orthogonal", "ridge"):
+        rows = project_to_width(x, titles, mapping=mapping)
+        assert rows.shape == (200, 24)
+        rc = rows - rows.mean(0)
+        kept = torch.corrcoef(torch.stack([(rc @ rc.T).flatten(), gram.flatten()]))[0, 1]
+        nearest = lambda m: (m - torch.diag(torch.full((200,), float("inf")))).argmax(1)  # noqa: E731
+        same_neighbour = float((nearest(rc @ rc.T) == nearest(gram)).float().mean())
+        if mapping == "orthogonal":
+            assert kept > 0.999 and same_neighbour == 1.0
+            assert abs(float(rc.norm(dim=1).mean() / (titles - titles.mean(0)).norm(dim=1).mean()) - 1) < 1e-4
+        else:
+            assert kept < 0.9 and same_neighbour < 0.5
+    with pytest.raises(ValueError, match="collab_map"):
+        project_to_width(x, titles, mapping="pca")
 
 
 def test_fusion_ends_are_sasrec_and_bm25_orders() -> None:

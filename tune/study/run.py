@@ -96,6 +96,8 @@ def study_key(cfg: Config) -> str:
     payload = cfg.model_dump(mode="json", exclude=exclude)
     payload["model"].pop("attention")  # a kernel choice (same scores, tested): speed, not a result
     payload["train"].pop("torch_threads")  # speed, not a result
+    if cfg.items.init == "title":  # the map of collaborative vectors is not used: keys stay valid
+        payload["items"].pop("collab_map")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

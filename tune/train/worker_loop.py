@@ -239,7 +239,7 @@ def _load_model_with_items(cfg: Config, rank: int, vectors_path: str | None = No
                              "builds them (tune.train.item_vectors)")
         vectors, vector_ids = load_item_vectors(vectors_path)
         init_item_rows(model, new_ids, aligned_vectors(vectors, vector_ids, item_ids), cfg.items.init,
-                       cfg.items.collab_ridge)
+                       cfg.items.collab_ridge, cfg.items.collab_map)
     return model, tokenizer, item_ids, new_ids
 
 
