@@ -1,12 +1,13 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up .venv and run the main job on the embedded default
 #   make test   set up .venv and run the whole test suite
+#   make test-fast   the quick development lane: the tests not marked slow (about a minute)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,8 +27,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -q -m "not slow"
+
 lint: $(STAMP)
-	$(BIN)/ruff check gems tune pipelines tests
+	$(BIN)/ruff check gems tune serving pipelines tests
 
 clean:
 	rm -rf $(VENV) .state

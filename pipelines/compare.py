@@ -23,46 +23,35 @@ read or Ray starts (exit codes: pipelines/preflight.py).
 
 from __future__ import annotations
 
-import argparse
-import logging
 import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gems.config import load_config  # noqa: E402
-from pipelines.preflight import PREFLIGHT_ERRORS, exit_code, job_config  # noqa: E402
-from tune.compare import run_comparison  # noqa: E402
-from tune.compare_methods import parse_methods, parse_seeds  # noqa: E402
-from tune.tracking import setup_tracking  # noqa: E402
+from pipelines.cli import Job, job_parser, load_job_config, setup_logging  # noqa: E402
+from pipelines.preflight import PREFLIGHT_ERRORS, exit_code  # noqa: E402
+from tune.registry.tracking import setup_tracking  # noqa: E402
+from tune.study.methods import parse_methods, parse_seeds  # noqa: E402
+from tune.study.run import run_comparison  # noqa: E402
 
 DEFAULT_METHODS = "gems,adamw,lora,galore,popularity,bm25"
-SMOKE = ["state_dir=.state/compare-smoke", "data.synthetic_users=30", "data.synthetic_items=40",
-         "data.num_buckets=2", "train.max_steps=3", "train.batch_size=4", "train.report_every=1",
-         "train.checkpoint_every=3", "train.warmup_steps=1", "train.precision=fp32", "gems.t_svd=2",
-         "eval.max_examples=8", "eval.mmlu_questions=4", "eval.retention_max_tokens=128",
-         "eval.num_negatives=9"]
+JOB = Job("compare", "amazon")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--config", default=None,
-                    help="YAML config (name in pipelines/configs or path; default amazon)")
+    ap = job_parser(__doc__, JOB, set_example="train.max_steps=50",
+                    smoke_help="tiny model, tiny synthetic data, seconds", epilog=True,
+                    set_scope=" for every method")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     ap.add_argument("--seeds", default="0", help="training seeds for the LLM methods, e.g. 0,1")
     ap.add_argument("--out", required=True, type=Path, help="output directory")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field for every method, e.g. --set train.max_steps=50")
-    ap.add_argument("--smoke-test", action="store_true", help="tiny model, tiny synthetic data, seconds")
     ap.add_argument("--no-resume", action="store_true", help="ignore results already in --out")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep each run's Ray Train storage")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     try:
-        config = job_config(args.config, args.smoke_test, "amazon")
-        cfg = load_config(config, (SMOKE if args.smoke_test else []) + list(args.set))
+        cfg = load_job_config(args, JOB)
         specs = parse_methods(args.methods)
         seeds = parse_seeds(args.seeds)
         setup_tracking(cfg)  # a dead tracking server fails here, before any data is read

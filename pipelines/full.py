@@ -23,14 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlflow  # noqa: E402
 
-from gems.config import Config, load_config  # noqa: E402
-from pipelines.preflight import (  # noqa: E402
-    EXIT_INTERRUPTED,
-    PREFLIGHT_ERRORS,
-    exit_code,
-    job_config,
-)
-from tune.tracking import (  # noqa: E402
+from gems.config import Config  # noqa: E402
+from pipelines.cli import Job, job_parser, load_job_config, setup_logging, start_ray  # noqa: E402
+from pipelines.preflight import EXIT_INTERRUPTED, PREFLIGHT_ERRORS, exit_code  # noqa: E402
+from tune.registry.tracking import (  # noqa: E402
     log_dataset_inputs,
     log_run_context,
     run_tags,
@@ -43,27 +39,16 @@ from tune.tracking import (  # noqa: E402
 
 log = logging.getLogger("gems.full")
 
-# Seconds-to-a-minute: the tiny random Llama, a small simulated log, 2 short trials.
-SMOKE = ["state_dir=.state/smoke", "train.max_steps=4", "train.report_every=2", "train.eval_every=2",
-         "train.checkpoint_every=2", "train.warmup_steps=1", "tune.num_samples=2", "eval.max_examples=8",
-         "eval.mmlu_questions=4", "eval.retention_max_tokens=128", "gems.general_max_tokens=256",
-         "data.synthetic_users=30", "data.synthetic_items=40", "data.num_buckets=2"]
+JOB = Job("full", "demo")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--config", default=None,
-                    help="YAML config (name in pipelines/configs or a path; default demo)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field, e.g. --set tune.num_samples=8")
-    ap.add_argument("--smoke-test", action="store_true", help="tiny model, tiny data, 2 trials")
-    return ap.parse_args(argv)
+    return job_parser(__doc__, JOB, set_example="tune.num_samples=8",
+                      smoke_help="tiny model, tiny data, 2 trials", epilog=True).parse_args(argv)
 
 
 def load(args: argparse.Namespace) -> Config:
-    config = job_config(args.config, args.smoke_test, "demo")
-    cfg = load_config(config, (SMOKE if args.smoke_test else []) + list(args.set))
+    cfg = load_job_config(args, JOB)
     # Pin the state dir before anything runs elsewhere: trials and jobs must agree on one path.
     cfg.state_dir = str(cfg.state_path)
     if "runtime_resources" in cfg.state_dir:
@@ -73,7 +58,7 @@ def load(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging("%(asctime)s %(name)s %(levelname)s %(message)s")
     started = time.monotonic()
     args = parse_args(argv)
     try:
@@ -87,17 +72,15 @@ def main(argv: list[str] | None = None) -> int:
               else "state dir")
     log.info("tracking at %s (from %s)", tracking_uri, source)
 
-    import ray
-
     from gems.data.events import InputError
     from gems.data.plan import check_inputs
     from gems.data.shards import read_split
-    from pipelines.stages.preprocess import run_preprocess
-    from tune.champion import evaluate_checkpoint, log_test_report, register_champion
-    from tune.space import apply_params
-    from tune.sweep import SweepInputs, SweepInterrupted, best_trial, sweep_name
-    from tune.sweep_bases import sweep_bases
-    from tune.tracked_sweep import REGISTERED_TAG, pipeline_run, run_logged_sweep
+    from tune.ingest.preprocess import run_preprocess
+    from tune.sweep.bases import sweep_bases
+    from tune.sweep.champion import evaluate_checkpoint, log_test_report, register_champion
+    from tune.sweep.parent_run import REGISTERED_TAG, pipeline_run, run_logged_sweep
+    from tune.sweep.space import apply_params
+    from tune.sweep.tuner import SweepInputs, SweepInterrupted, best_trial, sweep_name
 
     stages: dict[str, float] = {}  # seconds per stage, logged on the parent run
 
@@ -108,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         check_inputs(cfg)  # a missing or unusable input fails in seconds, before Ray starts
     except InputError as err:
         return exit_code(err)
-    ray.init(ignore_reinit_error=True)  # joins the cluster under `ray job submit`, else starts one
+    start_ray(dashboard=None)  # joins the cluster under `ray job submit`, else starts one
     lap("startup")
 
     try:

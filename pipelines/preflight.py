@@ -12,7 +12,7 @@ import sys
 
 from gems.config import ConfigError
 from gems.data.events import InputError
-from tune.tracking import TrackingError
+from tune.registry.tracking import TrackingError
 
 EXIT_CONFIG, EXIT_TRACKING, EXIT_INTERRUPTED, EXIT_INPUT = 2, 3, 4, 5
 _EXITS: tuple[tuple[type[Exception], str, int], ...] = (

@@ -10,25 +10,21 @@ with the quarantine summary printed).
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import ray  # noqa: E402
-
-from gems.config import ConfigError, load_config  # noqa: E402
+from gems.config import ConfigError  # noqa: E402
 from gems.data.events import InputError  # noqa: E402
 from gems.data.plan import NoExamplesError, check_inputs  # noqa: E402
+from pipelines.cli import Job, job_parser, load_job_config, setup_logging, start_ray  # noqa: E402
 from pipelines.preflight import EXIT_INPUT, exit_code  # noqa: E402
-from pipelines.stages.preprocess import run_preprocess  # noqa: E402
+from tune.ingest.preprocess import run_preprocess  # noqa: E402
 
-SMOKE = ["data.synthetic_users=30", "data.synthetic_items=40", "data.synthetic_days=1",
-         "data.num_buckets=2", "data.output_dir=smoke/shards", "data.path=smoke/raw"]
+JOB = Job("preprocess", "demo", own_smoke_config=False, smoke_after_set=True)
 
 
 def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -48,25 +44,18 @@ def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="demo", help="YAML config (name in pipelines/configs or path)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field, e.g. --set data.history_len=20")
-    ap.add_argument("--smoke-test", action="store_true", help="tiny synthetic data, seconds")
-    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = job_parser(__doc__, JOB, set_example="data.history_len=20",
+                      smoke_help="tiny synthetic data, seconds", num_cpus=True).parse_args(argv)
+    setup_logging()
     try:
-        overrides = list(args.set) + (SMOKE + ["data.source=synthetic"] if args.smoke_test else [])
-        cfg = load_config(args.config, overrides)
+        cfg = load_job_config(args, JOB)
     except ConfigError as err:
         return exit_code(err)
     try:
         check_inputs(cfg)  # seconds, not the 20-35 s of starting Ray first
     except InputError as err:
         return exit_code(err)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True,
-             log_to_driver=False)
+    start_ray(args.num_cpus, driver_logs=False)
     try:
         manifest = run_preprocess(cfg)
     except NoExamplesError as err:

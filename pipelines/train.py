@@ -12,7 +12,6 @@ pipelines/preflight.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -23,21 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray  # noqa: E402
 
 from gems.checkpoint import CheckpointError, read_trainer_state  # noqa: E402
-from gems.config import Config, load_config  # noqa: E402
+from gems.config import Config  # noqa: E402
 from gems.data.events import InputError  # noqa: E402
 from gems.data.plan import check_inputs  # noqa: E402
+from pipelines.cli import Job, job_parser, load_job_config, setup_logging, start_ray  # noqa: E402
 from pipelines.preflight import EXIT_CONFIG, PREFLIGHT_ERRORS, exit_code  # noqa: E402
-from tune.bases import prepare_bases  # noqa: E402
-from tune.trainer import TrainOutcome, run_training  # noqa: E402
+from tune.train.bases import prepare_bases  # noqa: E402
+from tune.train.trainer import TrainOutcome, run_training  # noqa: E402
 
-# Seconds, not minutes: the tiny random Llama, a small simulated log, a few steps.
-SMOKE = ["model.name_or_path=tiny-llama", "data.source=synthetic", "data.synthetic_users=30",
-         "data.synthetic_items=40", "data.synthetic_days=1", "data.num_buckets=2",
-         "data.output_dir=smoke/shards", "data.path=smoke/raw", "gems.r_shared=4", "gems.t_svd=2",
-         "gems.k=8", "gems.general_max_tokens=512", "train.num_workers=1", "train.max_steps=4",
-         "train.batch_size=4", "train.max_seq_len=96", "train.checkpoint_every=2",
-         "train.report_every=1", "train.warmup_steps=1", "train.lr=1e-3",
-         "train.storage_path=smoke/ray_results", "eval.max_examples=8"]
+JOB = Job("train", "demo", own_smoke_config=False, smoke_after_set=True)
 
 SUMMARY_KEYS = ("step", "train/loss", "train/loss_search", "train/loss_rec", "train/gate_search",
                 "train/gate_rec", "train/conflict_before_mean_rho", "train/tokens_per_s", "val/unified",
@@ -49,7 +42,7 @@ def shards_ready(cfg: Config) -> Path:
     """The shard dir, preprocessing the configured source first if it has no manifest yet."""
     shard_dir = cfg.resolve(cfg.data.output_dir)
     if not (shard_dir / "manifest.json").is_file():
-        from pipelines.stages.preprocess import run_preprocess
+        from tune.ingest.preprocess import run_preprocess
 
         logging.info("no shards in %s: preprocessing %s first", shard_dir, cfg.data.source)
         run_preprocess(cfg)
@@ -73,20 +66,16 @@ def summary(outcome: TrainOutcome) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="demo", help="YAML config (name in pipelines/configs or path)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field, e.g. --set train.max_steps=10")
+    ap = job_parser(__doc__, JOB, set_example="train.max_steps=10",
+                    smoke_help="tiny model and data, a few steps", num_cpus=True)
     ap.add_argument("--resume", type=Path, default=None, metavar="CKPT",
                     help="continue from a checkpoint dir (same config and data): exact continuation")
     ap.add_argument("--run-name", default=None, help="Ray Train run name (default: fresh, unique); "
                     "re-using the name of an interrupted run resumes it from its latest checkpoint")
-    ap.add_argument("--smoke-test", action="store_true", help="tiny model and data, a few steps")
-    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     try:
-        cfg = load_config(args.config, list(args.set) + (SMOKE if args.smoke_test else []))
+        cfg = load_job_config(args, JOB)
         if args.resume is not None:
             read_trainer_state(args.resume)  # fail before starting Ray, not inside workers
         if not (cfg.resolve(cfg.data.output_dir) / "manifest.json").is_file():
@@ -96,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"cannot resume: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, ignore_reinit_error=True)
+    start_ray(args.num_cpus)
     try:
         shard_dir = shards_ready(cfg)
     except InputError as err:  # incl. no examples: found while preprocessing, reported the same way

@@ -3,7 +3,7 @@
 Run as a script by tests/test_sweep.py so each sweep gets its own fresh local Ray and can be
 interrupted with SIGINT like a user's Ctrl-C. The stand-in trial validates its point exactly as
 the real one does (``apply_params``), marks each execution in a directory, and reports the same
-metric names as the real trial's relay (``tune.sweep``), including GEMS's gate/conflict series.
+metric names as the real trial's relay (``tune.sweep.tuner``), including GEMS's gate/conflict series.
 
     python tests/sweep_driver.py <state_dir> <marker_dir> <tracking_uri> [--set k=v ...]
 """
@@ -23,8 +23,10 @@ import ray  # noqa: E402
 import ray.tune  # noqa: E402
 
 from gems.config import config_from_dict, load_config  # noqa: E402
-from tune.space import apply_params  # noqa: E402
-from tune.sweep import (  # noqa: E402
+from tune.registry.tracking import run_tags, setup_tracking  # noqa: E402
+from tune.sweep.parent_run import pipeline_run, run_logged_sweep  # noqa: E402
+from tune.sweep.space import apply_params  # noqa: E402
+from tune.sweep.tuner import (  # noqa: E402
     CHECKPOINT_PATH,
     EVALS,
     REC_NDCG,
@@ -35,8 +37,6 @@ from tune.sweep import (  # noqa: E402
     best_trial,
     sweep_name,
 )
-from tune.tracked_sweep import pipeline_run, run_logged_sweep  # noqa: E402
-from tune.tracking import run_tags, setup_tracking  # noqa: E402
 
 REPORTS, SECONDS_PER_REPORT = 3, 1.0
 EXIT_INTERRUPTED = 3

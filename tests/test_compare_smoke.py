@@ -13,9 +13,9 @@ from mlflow import MlflowClient
 
 from gems.config import ConfigError, load_config
 from gems.paths import shared_file
-from tune.compare import expected_metrics
-from tune.compare_methods import parse_methods, parse_seeds
-from tune.compare_results import COLUMNS, RANKING_METRICS, RETENTION
+from tune.study.methods import parse_methods, parse_seeds
+from tune.study.results import COLUMNS, RANKING_METRICS, RETENTION
+from tune.study.run import expected_metrics
 
 ALL_METHODS = "gems,adamw,lora,galore,popularity,bm25,sasrec,sasrec-bm25"
 
@@ -156,7 +156,7 @@ def test_mlflow_parent_with_one_child_per_llm_run_and_conflict_for_adamw_and_gem
 
 
 def test_an_output_directory_never_mixes_two_configs(tmp_path: Path) -> None:
-    from tune.compare import check_resumable
+    from tune.study.run import check_resumable
 
     cfg = load_config("tiny")
     check_resumable(tmp_path, cfg, resume=True)

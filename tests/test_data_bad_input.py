@@ -419,7 +419,7 @@ def local_ray_data(monkeypatch) -> list[tuple[str, dict[str, Any]]]:
 def test_every_ray_data_call_of_preprocessing_has_bounded_retries(tmp_path: Path, local_ray_data) -> None:
     """Ray Data retries a task whose worker died forever by default (max_retries=-1): a crashing
     input hung the job for good (issue 12, item 2)."""
-    from pipelines.stages import preprocess as stage
+    from tune.ingest import preprocess as stage
 
     (_day(tmp_path) / "a.jsonl").write_bytes(_rows("a", "b") + b"not json\n")
     manifest = stage.run_preprocess(_cfg(tmp_path))
@@ -433,7 +433,7 @@ def test_every_ray_data_call_of_preprocessing_has_bounded_retries(tmp_path: Path
 def test_a_file_a_ray_task_cannot_read_is_named_by_the_driver(tmp_path: Path, local_ray_data) -> None:
     """Damaged Parquet pages are found inside a validation task (the footer, read by the driver, is
     fine): the stage still ends in an InputError naming the file, not a worker traceback."""
-    from pipelines.stages import preprocess as stage
+    from tune.ingest import preprocess as stage
 
     setup_damaged_parquet_pages(_day(tmp_path))
     with pytest.raises(InputError, match=r"pages\.parquet: unreadable Parquet"):

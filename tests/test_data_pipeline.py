@@ -20,7 +20,7 @@ from gems.data.schema import SHARD_SCHEMA, SPLITS
 from gems.data.shards import read_items, read_manifest, read_quarantine, read_split
 from gems.paths import shared_file
 from pipelines.preprocess import main as preprocess_main
-from pipelines.stages.preprocess import run_preprocess
+from tune.ingest.preprocess import run_preprocess
 
 pytestmark = pytest.mark.slow
 

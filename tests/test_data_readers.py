@@ -13,7 +13,7 @@ import ray
 from gems.config import load_config
 from gems.data.events import InputError, count_rows, list_input_files, read_raw
 from gems.data.validate import ValidationParams, parse_iso_ts, validate_events
-from pipelines.stages.preprocess import run_preprocess
+from tune.ingest.preprocess import run_preprocess
 
 PARAMS = ValidationParams(now_ts=1_800_000_000, future_ts_tolerance_s=0, query_max_chars=16,
                           num_buckets=4)

@@ -11,10 +11,10 @@ import pytest
 from mlflow import MlflowClient
 
 from gems.config import Config, load_config
-from tune.night_record import DECISION, KEY_TAG, VERSION
-from tune.nightly import run_nightly
-from tune.registry import CHALLENGER, CHAMPION, PREVIOUS, get_version, promote, set_alias
-from tune.tracking import setup_tracking
+from tune.nightly.job import run_nightly
+from tune.nightly.journal import DECISION, KEY_TAG, VERSION
+from tune.registry.models import CHALLENGER, CHAMPION, PREVIOUS, get_version, promote, set_alias
+from tune.registry.tracking import setup_tracking
 
 NAME = "aliases"
 

@@ -10,8 +10,8 @@ import pytest
 from filelock import FileLock
 
 from gems.config import Config, load_config
-from tune.nightly import CRASH_ENV, run_nightly
-from tune.watermark import NightlyError
+from tune.nightly.job import CRASH_ENV, run_nightly
+from tune.nightly.plan import NightlyError
 
 
 def _cfg(tmp_path: Path, *overrides: str) -> Config:

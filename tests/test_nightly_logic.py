@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tune.decision import ModelScores, decide
-from tune.night_view import build_view, users_in
-from tune.watermark import NightlyError, list_partitions, parse_watermark, plan_night
+from tune.nightly.decision import ModelScores, decide
+from tune.nightly.log_slice import build_view, users_in
+from tune.nightly.plan import NightlyError, list_partitions, parse_watermark, plan_night
 
 DAYS = ["2025-01-01", "2025-01-02", "2025-01-03", "2025-01-04"]
 
@@ -200,7 +200,7 @@ def test_promotion_is_monotone(u0: float, p0: float, u1: float, p1: float, tol: 
 
 
 def test_champion_params_from_version_tags_and_run_params() -> None:
-    from tune.warm_start import params_from_run, params_from_tags
+    from tune.nightly.warm_start import params_from_run, params_from_tags
 
     tags = {"gems.param.gems.r_shared": "5", "gems.param.train.lr": "0.0002", "gems.param.gems.tau": "1e-1",
             "gems.watermark": "2025-01-01", "gems.param.gems.alpha": "not a number"}
@@ -211,7 +211,7 @@ def test_champion_params_from_version_tags_and_run_params() -> None:
 
 def test_params_that_are_not_fields_are_skipped() -> None:
     from gems.config import load_config
-    from tune.warm_start import with_params
+    from tune.nightly.warm_start import with_params
 
     cfg = with_params(load_config("tiny"), {"gems.r_shared": 6, "train.lr": 0.5, "gems.removed_field": 1.0,
                                             "gems.tau": -1.0})

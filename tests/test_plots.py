@@ -7,8 +7,8 @@ import io
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tune import plots
-from tune.plots import TrialPoint, pareto_front
+from tune.sweep import plots
+from tune.sweep.plots import TrialPoint, pareto_front
 
 
 def test_pareto_front_keeps_exactly_the_undominated_trials() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tune.worker_loop import progress_line
+from tune.train.worker_loop import progress_line
 
 
 def test_progress_line_names_step_losses_speed_and_val_metrics() -> None:

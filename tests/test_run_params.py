@@ -1,6 +1,6 @@
-"""Hyperparameters as MLflow params (tune/run_params.py) on a real SQLite store: dotted names for every
-config field, the search space on a sweep's parent, MLflow's length limit, and a resumed run that
-logs again without crashing on immutable params."""
+"""Hyperparameters as MLflow params (tune/registry/run_params.py) on a real SQLite store: dotted names
+for every config field, the search space on a sweep's parent, MLflow's length limit, and a resumed
+run that logs again without crashing on immutable params."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from gems.config import load_config
-from tune.run_params import config_params, log_new_params
+from tune.registry.run_params import config_params, log_new_params
 
 HYPER = {"train.lr", "gems.t_svd", "gems.k", "gems.alpha", "gems.r_search", "gems.r_rec", "gems.tau",
          "gems.method", "gems.betas", "train.max_steps", "data.history_len", "model.name_or_path"}

@@ -204,9 +204,9 @@ def test_sasrec_runs_through_the_comparison_path(tmp_path: Path) -> None:
     tasks and protocols, timings with the fit's steps)."""
     from gems.data.inprocess import preprocess_inprocess
     from gems.data.shards import read_split
-    from tune import compare_results as res
-    from tune.compare import _sasrec_rows, catalog, expected_metrics
-    from tune.compare_methods import parse_methods
+    from tune.study import results as res
+    from tune.study.methods import parse_methods
+    from tune.study.run import _sasrec_rows, catalog, expected_metrics
 
     cfg = load_config("tiny", [f"state_dir={tmp_path}", "data.now_ts=1800000000", "eval.num_negatives=9",
                                "sasrec.max_epochs=3", "sasrec.hidden=16"])
@@ -231,8 +231,8 @@ def test_sasrec_runs_through_the_comparison_path(tmp_path: Path) -> None:
 
 def test_sasrec_methods_parse_and_keep_old_study_keys() -> None:
     from gems.config import ConfigError
-    from tune.compare import study_key
-    from tune.compare_methods import parse_methods
+    from tune.study.methods import parse_methods
+    from tune.study.run import study_key
 
     with pytest.raises(ConfigError, match="no inline overrides"):
         parse_methods("sasrec[dropout=0.1]")

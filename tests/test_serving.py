@@ -28,7 +28,19 @@ from gems.config import PROJECT_ROOT, Config, load_config
 from gems.evaluate import evaluate_model
 from gems.model import add_item_tokens
 from gems.prompts import format_prompt
-from tune.registry import (
+from serving.ranker import (
+    ITEMS_ARTIFACT,
+    MODEL_ARTIFACT,
+    SETTINGS_ARTIFACT,
+    Catalog,
+    GemsRanker,
+    ServingSettings,
+    build_prompts,
+    load_ranker_parts,
+    rank_requests,
+    write_settings,
+)
+from tune.registry.models import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS,
@@ -42,18 +54,6 @@ from tune.registry import (
     register_challenger,
     register_version,
     servable_model_dir,
-)
-from tune.serving import (
-    ITEMS_ARTIFACT,
-    MODEL_ARTIFACT,
-    SETTINGS_ARTIFACT,
-    Catalog,
-    GemsRanker,
-    ServingSettings,
-    build_prompts,
-    load_ranker_parts,
-    rank_requests,
-    write_settings,
 )
 
 K = 5
@@ -155,11 +155,14 @@ def test_adapter_and_non_model_dirs_are_refused(tmp_path: Path) -> None:
 
 LOAD_AND_PREDICT = """
 import json, sys
+sys.modules["ray"] = None  # `import ray` raises ImportError: the served model must not need Ray
 import mlflow, pandas as pd
 mlflow.set_tracking_uri(sys.argv[1])
 model = mlflow.pyfunc.load_model(sys.argv[2])
 requests = pd.read_json(sys.argv[3], orient="records")
 out = model.predict(requests[["task", "history_item_ids", "query"]], params={"top_k": int(sys.argv[4])})
+assert sys.modules["ray"] is None and not any(m.startswith("ray.") for m in sys.modules)
+assert not any(m == "tune" or m.startswith("tune.") for m in sys.modules), "serving imported tune"
 print(json.dumps({"item_ids": out["item_ids"].tolist(), "scores": out["scores"].tolist()}))
 """
 
@@ -203,7 +206,8 @@ def test_registered_champion_loads_in_a_fresh_process_and_ranks_like_evaluation(
     assert torch.allclose(torch.tensor(served_top["scores"]), torch.tensor(expected["top_scores"].to_list()))
 
     model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{v1.version}"))
-    assert {"gems", "tune"} <= {p.name for p in (model_dir / "code").iterdir()}  # code travels with the model
+    # only the library and the serving package travel with the model: no Ray code
+    assert {p.name for p in (model_dir / "code").iterdir()} == {"gems", "serving"}
 
     v2 = register_challenger(info.model_uri, name, {"gems.watermark": "2026-01-02"}, "second")
     assert get_version(name, CHALLENGER).version == v2.version

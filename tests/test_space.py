@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gems.config import CONFIG_DIR, ConfigError, SearchRange, load_config
-from tune.space import apply_params, to_optuna, validate_points, validate_space
+from tune.sweep.space import apply_params, to_optuna, validate_points, validate_space
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))

@@ -20,10 +20,10 @@ import pytest
 from mlflow import MlflowClient
 
 from gems.config import load_config
-from tune.run_params import config_params
-from tune.sweep import max_concurrent_trials, study_storage_url
-from tune.tracked_sweep import SWEEP_TAG
-from tune.trial_runs import TRIAL_ID_TAG
+from tune.registry.run_params import config_params
+from tune.sweep.parent_run import SWEEP_TAG
+from tune.sweep.trial_runs import TRIAL_ID_TAG
+from tune.sweep.tuner import max_concurrent_trials, study_storage_url
 
 DRIVER = Path(__file__).with_name("sweep_driver.py")
 ROOT = DRIVER.parent.parent
@@ -139,8 +139,8 @@ def test_sliced_bases_equal_bases_estimated_with_that_k(tmp_path: Path) -> None:
     import torch
 
     from gems.nullspace import load_bases
-    from tune.bases import prepare_bases
-    from tune.sweep_bases import bases_for_trial, largest_k, sweep_bases
+    from tune.sweep.bases import bases_for_trial, largest_k, sweep_bases
+    from tune.train.bases import prepare_bases
 
     cfg = load_config("tiny", [f"state_dir={tmp_path}", "gems.general_max_tokens=256",
                                "tune.space={gems.k: {low: 0, high: 12, integer: true}}"])
@@ -162,7 +162,7 @@ def test_sliced_bases_equal_bases_estimated_with_that_k(tmp_path: Path) -> None:
 @pytest.mark.parametrize("algorithm,directions", [("tpe", 1), ("nsga2", 2)])
 def test_searcher_samples_the_space_under_the_limit_and_persists_the_study(
         algorithm: str, directions: int, tmp_path: Path) -> None:
-    from tune.sweep import REC_NDCG, SEARCH_NDCG, UNIFIED, build_searcher
+    from tune.sweep.tuner import REC_NDCG, SEARCH_NDCG, UNIFIED, build_searcher
 
     cfg = load_config("tiny", [f"state_dir={tmp_path}", f"tune.algorithm={algorithm}", "tune.num_samples=6",
                                "tune.points_to_evaluate=[{gems.tau: 1.0, gems.r_shared: 4}]"])
@@ -184,7 +184,7 @@ def test_searcher_samples_the_space_under_the_limit_and_persists_the_study(
 
 
 def test_asha_counts_evaluations_of_a_trial() -> None:
-    from tune.sweep import build_scheduler, evals_per_trial
+    from tune.sweep.tuner import build_scheduler, evals_per_trial
 
     every_10 = ["tune.eval_every=10"]
     assert evals_per_trial(load_config("demo", [*every_10, "train.max_steps=30"])) == 3

@@ -15,8 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from gems.config import Config, load_config
-from tune.tracked_sweep import SWEEP_TAG, pipeline_run
-from tune.tracking import (
+from tune.registry.tracking import (
     TrackingError,
     check_tracking_uri,
     log_dataset_inputs,
@@ -28,6 +27,7 @@ from tune.tracking import (
     setup_tracking,
     watermark_text,
 )
+from tune.sweep.parent_run import SWEEP_TAG, pipeline_run
 
 
 def _free_port() -> int:

@@ -1,5 +1,5 @@
 """What preprocessing does before and after the parallel part, shared by the Ray Data pipeline
-(pipelines/stages/preprocess.py) and the single-process reference (gems.data.inprocess):
+(tune/ingest/preprocess.py) and the single-process reference (gems.data.inprocess):
 
 - ``check_inputs`` / ``check_output_dir``: the cheap checks a job runs before it starts Ray (input
   paths exist and hold rows, the output can be written), so a typo costs seconds, not a cluster

@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import ray  # noqa: E402
 
 from gems.config import PROJECT_ROOT, load_config  # noqa: E402
-from tune.night_smoke import bootstrap_champion, land_day, simulate_source  # noqa: E402
-from tune.nightly import run_nightly  # noqa: E402
-from tune.registry import get_champion  # noqa: E402
-from tune.tracking import setup_tracking  # noqa: E402
+from tune.nightly.job import run_nightly  # noqa: E402
+from tune.nightly.smoke import bootstrap_champion, land_day, simulate_source  # noqa: E402
+from tune.registry.models import get_champion  # noqa: E402
+from tune.registry.tracking import setup_tracking  # noqa: E402
 
 LIVE = ["data.source=events", "data.path=live/events", "data.items_path=live/items.parquet",
         "mlflow.experiment=bench-nightly", "mlflow.registered_model=bench-nightly"]

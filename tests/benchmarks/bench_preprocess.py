@@ -87,7 +87,7 @@ def worker(engine: str, workdir: Path, millions: int, repeats: int) -> dict:
     if engine == "ray":
         import ray
 
-        from pipelines.stages.preprocess import run_preprocess
+        from tune.ingest.preprocess import run_preprocess
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False

@@ -24,8 +24,8 @@ import ray  # noqa: E402
 
 from gems.config import load_config  # noqa: E402
 from pipelines.train import shards_ready  # noqa: E402
-from tune.bases import prepare_bases  # noqa: E402
-from tune.trainer import run_training  # noqa: E402
+from tune.train.bases import prepare_bases  # noqa: E402
+from tune.train.trainer import run_training  # noqa: E402
 
 
 def measure(config: str, method: str, workers: int, steps: int, cpus: int,

@@ -26,8 +26,8 @@ from servers import wait_until_up
 
 from gems.config import load_config
 from pipelines.nightly import main as nightly_main
-from tune.run_params import config_params, log_new_params
-from tune.tracking import setup_tracking
+from tune.registry.run_params import config_params, log_new_params
+from tune.registry.tracking import setup_tracking
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "infra" / "mlflow_server.sh"

@@ -36,11 +36,11 @@ from ray.job_submission import JobSubmissionClient
 from gems.config import PROJECT_ROOT, Config, load_config
 from gems.items import item_token
 from gems.model import load_backbone
-from tune.night_smoke import land_day, simulate_source
-from tune.nightly import CHECKPOINT, CRASH_ENV, InjectedCrash, find_night_run, run_nightly
-from tune.registry import CHALLENGER, CHAMPION, PREVIOUS, get_version
-from tune.tracking import setup_tracking
-from tune.watermark import parse_watermark
+from tune.nightly.job import CHECKPOINT, CRASH_ENV, InjectedCrash, find_night_run, run_nightly
+from tune.nightly.plan import parse_watermark
+from tune.nightly.smoke import land_day, simulate_source
+from tune.registry.models import CHALLENGER, CHAMPION, PREVIOUS, get_version
+from tune.registry.tracking import setup_tracking
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ import ray
 from gems.config import Config, load_config
 from gems.data.shards import write_manifest
 from gems.prompts import format_prompt
-from tune.trainer import TrainOutcome, run_training
+from tune.train.trainer import TrainOutcome, run_training
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ and crash-safe:
 - with no partition newer than the champion's watermark the job does nothing and says so, and a
   lock file per night makes a concurrent second run of the same night a no-op.
 
-Modules: tune.watermark (which days), tune.night_view (what is read), tune.warm_start (from the
-champion), tune.night_eval (both models on the holdout), tune.decision (the rule),
-tune.night_record (the journal and the registered version).
+Modules of tune.nightly: plan (which days), log_slice (what is read), warm_start (from the
+champion), holdout (both models on the holdout), decision (the rule), journal (the journal and the
+registered version).
 
 Crash injection for tests: ``GEMS_NIGHTLY_CRASH_AT=<point>`` raises at that point.
 """
@@ -39,10 +39,10 @@ from mlflow.entities import Run
 
 from gems.config import Config, config_from_dict
 from gems.data.shards import read_manifest
-from pipelines.stages.preprocess import run_preprocess
-from tune.decision import decide
-from tune.night_eval import run_evaluation, scores_of
-from tune.night_record import (
+from tune.ingest.preprocess import run_preprocess
+from tune.nightly.decision import decide
+from tune.nightly.holdout import run_evaluation, scores_of
+from tune.nightly.journal import (
     ATTEMPTS,
     CHAMPION_AT_START,
     CHECKPOINT,
@@ -58,12 +58,12 @@ from tune.night_record import (
     register_once,
     version_tags,
 )
-from tune.night_view import build_view
-from tune.registry import CHALLENGER, VersionInfo, get_champion, promote, set_alias
-from tune.run_params import config_params, log_new_params
-from tune.tracking import TAG_PREFIX, resolve_tracking_uri, run_tags, setup_tracking
-from tune.warm_start import WarmStart, champion_params, fetch_champion, with_params
-from tune.watermark import NightlyError, NightPlan, list_partitions, parse_watermark, plan_night
+from tune.nightly.log_slice import build_view
+from tune.nightly.plan import NightlyError, NightPlan, list_partitions, parse_watermark, plan_night
+from tune.nightly.warm_start import WarmStart, champion_params, fetch_champion, with_params
+from tune.registry.models import CHALLENGER, VersionInfo, get_champion, promote, set_alias
+from tune.registry.run_params import config_params, log_new_params
+from tune.registry.tracking import TAG_PREFIX, resolve_tracking_uri, run_tags, setup_tracking
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +198,11 @@ def train_challenger(cfg: Config, tcfg: Config, shard_dir: Path, manifest: Mappi
     update stays orthogonal to the same general-domain directions, so protection does not erode
     from night to night, and the cached bases are reused instead of re-estimated.
     """
-    from tune.bases import prepare_bases
-    from tune.sweep import SweepInputs, best_trial, sweep_name
-    from tune.sweep_bases import sweep_bases
-    from tune.tracked_sweep import run_logged_sweep
-    from tune.trainer import run_training
+    from tune.sweep.bases import sweep_bases
+    from tune.sweep.parent_run import run_logged_sweep
+    from tune.sweep.tuner import SweepInputs, best_trial, sweep_name
+    from tune.train.bases import prepare_bases
+    from tune.train.trainer import run_training
 
     base = tcfg.model_copy(update={"model": cfg.model})
     if cfg.nightly.sweep:

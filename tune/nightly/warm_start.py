@@ -1,6 +1,6 @@
 """Warm start from the registered champion: its weights, its item tokens, its hyperparameters.
 
-The champion is a ranking pyfunc (tune/serving.py) whose artifacts hold a plain Hugging Face model
+The champion is a ranking pyfunc (serving/ranker.py) whose artifacts hold a plain Hugging Face model
 directory (weights + tokenizer with every item token it knows) and its catalog. Downloading that
 directory and pointing ``model.name_or_path`` at it is the whole warm start: the training loop
 loads it like any backbone and ``gems.model.add_item_tokens`` gives items first seen in the new
@@ -22,11 +22,11 @@ from mlflow import MlflowClient
 from mlflow.models import Model
 
 from gems.config import Config, ConfigError
-from tune.registry import VersionInfo
-from tune.serving import ITEMS_ARTIFACT, MODEL_ARTIFACT
-from tune.space import apply_params
-from tune.tracking import TAG_PREFIX
-from tune.watermark import NightlyError
+from serving.ranker import ITEMS_ARTIFACT, MODEL_ARTIFACT
+from tune.nightly.plan import NightlyError
+from tune.registry.models import VersionInfo
+from tune.registry.tracking import TAG_PREFIX
+from tune.sweep.space import apply_params
 
 log = logging.getLogger(__name__)
 
@@ -123,5 +123,5 @@ def fetch_champion(version: VersionInfo, dest: Path) -> WarmStart:
     missing = [a for a in (MODEL_ARTIFACT, ITEMS_ARTIFACT) if a not in paths or not paths[a].exists()]
     if missing:
         raise NightlyError(f"{version.uri} lacks the {missing} artifacts of a GEMS ranker; it cannot be "
-                           "warm-started (was it logged by tune.registry.log_ranker?)")
+                           "warm-started (was it logged by tune.registry.models.log_ranker?)")
     return WarmStart(version=version, model_dir=paths[MODEL_ARTIFACT], items_path=paths[ITEMS_ARTIFACT])

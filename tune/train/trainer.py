@@ -1,7 +1,7 @@
 """Ray Train (V2) TorchTrainer for GEMS fine-tuning: build it from a Config, run it, summarise it.
 
 Tune's trial function and ``pipelines/train.py`` both call :func:`build_trainer` /
-:func:`run_training`; the per-worker loop lives in :mod:`tune.worker_loop`.
+:func:`run_training`; the per-worker loop lives in :mod:`tune.train.worker_loop`.
 
 Why the pieces are set up the way they are:
 
@@ -30,8 +30,8 @@ from ray.train.torch import TorchTrainer
 from gems.checkpoint import read_trainer_state
 from gems.config import Config
 from gems.data.shards import read_items, read_split
-from tune.item_vectors import collab_vectors_path
-from tune.worker_loop import TRAIN_COLUMNS, train_loop_per_worker
+from tune.train.item_vectors import collab_vectors_path
+from tune.train.worker_loop import TRAIN_COLUMNS, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 

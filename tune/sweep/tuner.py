@@ -32,7 +32,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from gems.config import Config, config_from_dict
-from tune.space import apply_params, to_optuna, validate_points
+from tune.sweep.space import apply_params, to_optuna, validate_points
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ def train_trial(params: dict[str, Any], inputs: SweepInputs) -> None:
     An invalid point raises ConfigError here, before any training: Tune records the trial as
     errored and the sweep goes on.
     """
-    from tune.sweep_bases import bases_for_trial
-    from tune.trainer import build_trainer
+    from tune.sweep.bases import bases_for_trial
+    from tune.train.trainer import build_trainer
 
     cfg = apply_params(config_from_dict(inputs.config), params)
     cfg.train.eval_every = trial_eval_every(cfg)  # ASHA needs val metrics during the trial

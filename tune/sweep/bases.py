@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from gems.config import Config
 from gems.nullspace import load_bases
-from tune.bases import prepare_bases
+from tune.train.bases import prepare_bases
 
 
 def largest_k(cfg: Config) -> int:

@@ -236,7 +236,7 @@ def _load_model_with_items(cfg: Config, rank: int, vectors_path: str | None = No
     if cfg.items.init != "title":
         if vectors_path is None:
             raise ValueError(f"items.init={cfg.items.init} needs collaborative item vectors; the trainer "
-                             "builds them (tune.item_vectors)")
+                             "builds them (tune.train.item_vectors)")
         vectors, vector_ids = load_item_vectors(vectors_path)
         init_item_rows(model, new_ids, aligned_vectors(vectors, vector_ids, item_ids), cfg.items.init,
                        cfg.items.collab_ridge, cfg.items.collab_map)

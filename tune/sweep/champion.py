@@ -1,6 +1,6 @@
 """After the sweep: the best trial's checkpoint on the test split, its retention, its registration.
 
-Evaluation loads the checkpoint exactly as the served model does (tune.serving.load_ranker_parts),
+Evaluation loads the checkpoint exactly as the served model does (serving.ranker.load_ranker_parts),
 so the metrics on the version and the rankings it serves come from the same weights and code.
 Registration is the last step of the pipeline: a crash anywhere before leaves the registry as it was.
 """
@@ -24,10 +24,17 @@ from gems.evaluate import evaluate_with_config
 from gems.metrics import flatten_metrics
 from gems.model import load_backbone
 from gems.retention import retention_with_config
-from tune.registry import VersionInfo, log_ranker, metric_tags, promote, register_version, servable_model_dir
-from tune.serving import load_ranker_parts
-from tune.sweep import BestTrial
-from tune.tracking import TAG_PREFIX, run_tags
+from serving.ranker import load_ranker_parts
+from tune.registry.models import (
+    VersionInfo,
+    log_ranker,
+    metric_tags,
+    promote,
+    register_version,
+    servable_model_dir,
+)
+from tune.registry.tracking import TAG_PREFIX, run_tags
+from tune.sweep.tuner import BestTrial
 
 log = logging.getLogger(__name__)
 

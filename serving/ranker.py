@@ -4,7 +4,7 @@ It rebuilds each prompt with the same functions preprocessing uses (gems.prompts
 whole catalog with the same scorer evaluation uses (gems.evaluate.model_scorer) and masks the
 history for rec exactly as evaluation does, so a served ranking is the evaluated ranking. Loads
 with ``mlflow.pyfunc.load_model("models:/<name>@champion")`` in any process that has the pip
-requirements; ``gems`` and ``tune`` travel with the model as code_paths. This module must not
+requirements; ``gems`` and ``serving`` travel with the model as code_paths. This module must not
 import ray.
 """
 
@@ -26,7 +26,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from gems.config import Config
 from gems.prompts import format_prompt
-from tune.serving_requests import RequestError, check_requests, check_top_k, history_ids, is_missing
+from serving.requests import RequestError, check_requests, check_top_k, history_ids, is_missing
 
 MODEL_ARTIFACT, ITEMS_ARTIFACT, SETTINGS_ARTIFACT = "model", "items", "settings"
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Catalog:
 def build_prompts(requests: pd.DataFrame, catalog: Catalog, settings: ServingSettings) -> list[str]:
     """The prompt preprocessing would have written for each request (last history_len items).
 
-    Raises RequestError naming the first row that cannot be ranked (tune.serving_requests)."""
+    Raises RequestError naming the first row that cannot be ranked (serving.requests)."""
     check_requests(requests, catalog.titles)
     prompts = []
     queries = requests["query"] if "query" in requests.columns else [None] * len(requests)

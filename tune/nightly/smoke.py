@@ -18,10 +18,10 @@ import polars as pl
 
 from gems.config import Config
 from gems.data.simulate import SimulationParams, day_name, simulate
-from pipelines.stages.preprocess import run_preprocess
-from tune.registry import CHAMPION, VersionInfo, log_ranker, metric_tags, register_version
-from tune.tracking import run_tags, setup_tracking
-from tune.warm_start import PARAM_TAG_PREFIX
+from tune.ingest.preprocess import run_preprocess
+from tune.nightly.warm_start import PARAM_TAG_PREFIX
+from tune.registry.models import CHAMPION, VersionInfo, log_ranker, metric_tags, register_version
+from tune.registry.tracking import run_tags, setup_tracking
 
 SOURCE_DIR = "simulated"  # every simulated day, under the state dir
 TUNED_FIELDS = ("gems.r_shared", "gems.t_svd", "gems.k", "gems.alpha", "gems.tau", "train.lr")
@@ -57,8 +57,8 @@ def land_day(source: Path, live: Path, params: SimulationParams, day: int) -> st
 
 def bootstrap_champion(cfg: Config) -> VersionInfo:
     """Train on the logs as they are and register the result as ``champion`` (no sweep)."""
-    from tune.bases import prepare_bases
-    from tune.trainer import run_training
+    from tune.train.bases import prepare_bases
+    from tune.train.trainer import run_training
 
     setup_tracking(cfg)
     manifest = run_preprocess(cfg)

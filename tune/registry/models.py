@@ -29,17 +29,17 @@ from mlflow.types import DataType
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
 from gems.config import PROJECT_ROOT, Config
-from tune.serving import (
+from serving.ranker import (
     ITEMS_ARTIFACT,
     MODEL_ARTIFACT,
     SETTINGS_ARTIFACT,
     ServingSettings,
     write_settings,
 )
-from tune.tracking import TAG_PREFIX
+from tune.registry.tracking import TAG_PREFIX
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
-SERVING_MODEL_FILE = PROJECT_ROOT / "tune" / "serving_model.py"  # models from code: nothing pickled
+SERVING_MODEL_FILE = PROJECT_ROOT / "serving" / "model_file.py"  # models from code: nothing pickled
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "polars", "pandas", "numpy",
                     "pydantic", "pyyaml", "tqdm", "mlflow")
 
@@ -137,7 +137,7 @@ def log_ranker(checkpoint_dir: Path, items_path: Path, cfg: Config, name: str = 
             name=name, python_model=str(SERVING_MODEL_FILE),
             artifacts={MODEL_ARTIFACT: str(model_dir), ITEMS_ARTIFACT: str(items_copy),
                        SETTINGS_ARTIFACT: str(settings)},
-            code_paths=[str(PROJECT_ROOT / "gems"), str(PROJECT_ROOT / "tune")],
+            code_paths=[str(PROJECT_ROOT / "gems"), str(PROJECT_ROOT / "serving")],
             signature=serving_signature(serving.top_k), input_example=input_example(items),
             pip_requirements=pip_requirements())
 

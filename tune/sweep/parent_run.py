@@ -19,9 +19,11 @@ import optuna
 from mlflow import MlflowClient
 
 from gems.config import Config
-from tune import plots
-from tune.run_params import config_params, log_new_params
-from tune.sweep import (
+from tune.registry.run_params import config_params, log_new_params
+from tune.registry.tracking import TAG_PREFIX
+from tune.sweep import plots
+from tune.sweep.trial_runs import MlflowTrialRuns
+from tune.sweep.tuner import (
     REC_NDCG,
     SEARCH_NDCG,
     UNIFIED,
@@ -32,8 +34,6 @@ from tune.sweep import (
     train_trial,
     trial_rows,
 )
-from tune.tracking import TAG_PREFIX
-from tune.trial_runs import MlflowTrialRuns
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def run_logged_sweep(cfg: Config, inputs: SweepInputs, name: str, parent_run_id:
                      system_metrics: bool = True) -> SweepOutcome:
     """run_sweep with one MLflow child run per trial, then the sweep's figures on the parent.
 
-    Every run gets every hyperparameter as a param (tune.run_params): the parent the fixed ones and
+    Every run gets every hyperparameter as a param (tune.registry.run_params): the parent the fixed ones and
     the search space, each trial the fixed ones and its sampled point."""
     log_new_params(parent_run_id, config_params(cfg, searched=cfg.tune.space))
     callback = MlflowTrialRuns(tracking_uri, experiment_id, parent_run_id, tags,

@@ -1,6 +1,6 @@
 """The quality study: every method on the same splits, budget and seeds, measured the same way.
 
-For each LLM method (and ablation variant) and seed: Ray Train fine-tunes it (``tune.trainer``,
+For each LLM method (and ablation variant) and seed: Ray Train fine-tunes it (``tune.train.trainer``,
 the same loop as the sweep), the final checkpoint is loaded back on the driver, ranked on TEST
 under both protocols (full catalog, sampled negatives) with ``gems.evaluate``, and compared with
 the untouched base model on general-domain text (``gems.retention``). The floors (popularity,
@@ -42,11 +42,11 @@ from gems.nullspace import bases_for_run, save_bases
 from gems.retention import retention_with_config
 from gems.sasrec_config import SASRecConfig
 from gems.sasrec_floor import evaluate_sasrec
-from tune import compare_results as res
-from tune.compare_methods import MethodSpec
-from tune.run_params import config_params
-from tune.tracking import log_run_context, parent_run, run_tags, setup_tracking
-from tune.trainer import run_training
+from tune.registry.run_params import config_params
+from tune.registry.tracking import log_run_context, parent_run, run_tags, setup_tracking
+from tune.study import results as res
+from tune.study.methods import MethodSpec
+from tune.train.trainer import run_training
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def ensure_ray(cfg: Config) -> None:
 
 def prepare_shards(cfg: Config) -> tuple[Path, dict[str, Any]]:
     """Prompt shards for cfg.data: reused when their manifest was built from the same data config."""
-    from pipelines.stages.preprocess import run_preprocess
+    from tune.ingest.preprocess import run_preprocess
 
     shard_dir = cfg.resolve(cfg.data.output_dir)
     try:

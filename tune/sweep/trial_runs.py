@@ -22,9 +22,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from tune import plots
-from tune.run_params import log_new_params, param_value
-from tune.tracking import TAG_PREFIX
+from tune.registry.run_params import log_new_params, param_value
+from tune.registry.tracking import TAG_PREFIX
+from tune.sweep import plots
 
 TRIAL_ID_TAG = f"{TAG_PREFIX}trial_id"
 TUNE_BOOKKEEPING = {"timestamp", "pid", "training_iteration", "time_since_restore",
@@ -64,7 +64,7 @@ class MlflowTrialRuns(Callback):
                  tags: Mapping[str, str] | None = None, system_metrics: bool = True,
                  params: Mapping[str, str] | None = None) -> None:
         self.tracking_uri = tracking_uri
-        self.params = dict(params or {})  # the sweep's fixed hyperparameters (tune.run_params)
+        self.params = dict(params or {})  # the sweep's fixed hyperparameters (tune.registry.run_params)
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.tags = dict(tags or {})

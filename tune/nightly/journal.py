@@ -16,11 +16,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from gems.config import Config
-from tune.decision import Decision
-from tune.registry import VersionInfo, find_versions, log_ranker, metric_tags, register_version
-from tune.tracking import TAG_PREFIX, run_tags
-from tune.warm_start import PARAM_TAG_PREFIX, params_from_run
-from tune.watermark import NightPlan
+from tune.nightly.decision import Decision
+from tune.nightly.plan import NightPlan
+from tune.nightly.warm_start import PARAM_TAG_PREFIX, params_from_run
+from tune.registry.models import VersionInfo, find_versions, log_ranker, metric_tags, register_version
+from tune.registry.tracking import TAG_PREFIX, run_tags
 
 KEY_TAG = f"{TAG_PREFIX}nightly_key"
 T = f"{TAG_PREFIX}nightly."  # the night's journal tags

@@ -27,10 +27,10 @@ from gems.items import item_token
 from gems.metrics import flatten_metrics
 from gems.model import item_token_ids, load_backbone
 from gems.retention import measure_retention
-from tune.decision import ModelScores
-from tune.night_record import UNIFIED
-from tune.registry import servable_model_dir
-from tune.warm_start import WarmStart
+from tune.nightly.decision import ModelScores
+from tune.nightly.journal import UNIFIED
+from tune.nightly.warm_start import WarmStart
+from tune.registry.models import servable_model_dir
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
-from tune.watermark import NightPlan, partition_files
+from tune.nightly.plan import NightPlan, partition_files
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Where MLflow writes, checked before any training, and what every pipeline run records.
 
-Only the driver process writes to MLflow (trials report to Ray; see tune/trial_runs.py), so an
+Only the driver process writes to MLflow (trials report to Ray; see tune/sweep/trial_runs.py), so an
 embedded SQLite store never sees two writers. The embedded store lives at an absolute path under
 the state dir: a relative path would land inside Ray's unpacked job working_dir and vanish.
 """

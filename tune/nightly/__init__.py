@@ -1,0 +1,2 @@
+"""Nightly: retrain on new log partitions (plan, log slice, warm start, holdout evaluation,
+decision, journal) and promote or reject the challenger."""

@@ -1,0 +1,1 @@
+"""Study: the quality comparison of GEMS with the baselines and floors (methods, run, results)."""
