@@ -12,15 +12,25 @@ import torch.multiprocessing as mp
 STEPS = 10
 
 
+GENERAL_TEXT = "\n".join(f"Paragraph {i}: the river runs past the old mill and the town {i % 7} sleeps."
+                         for i in range(64))
+
+
 def _setup(tmp: Path):  # noqa: ANN202 - (model, tokenizer, method)
+    """The same start in every process. The general corpus is a file of the test's own: left to the
+    machine (shared wikitext, or generated text), processes that resolve it differently compute
+    different null spaces, and the comparison would test the machine, not DDP."""
     from gems.baselines import build_method
     from gems.config import GEMSConfig, ModelConfig
     from gems.model import load_backbone
     from gems.nullspace import bases_for_run
 
     torch.set_num_threads(1)
+    corpus = tmp / "general.txt"
+    if not corpus.exists():
+        corpus.write_text(GENERAL_TEXT)
     model, tok = load_backbone(ModelConfig(name_or_path="tiny-llama"), tmp / "models")
-    cfg = GEMSConfig(r_shared=4, t_svd=3, k=8, general_max_tokens=512)
+    cfg = GEMSConfig(r_shared=4, t_svd=3, k=8, general_max_tokens=512, general_corpus=str(corpus))
     bases = bases_for_run(model, tok, cfg, None)  # every rank computes the same bases
     return model, tok, build_method(model, cfg, 1e-3, bases)
 
