@@ -27,6 +27,7 @@ from gems.baselines import build_method
 from gems.config import GEMSConfig, ModelConfig
 from gems.model import add_item_tokens, load_backbone
 from gems.step import TaskBatch
+from gems.subspace import target_parameter_names
 
 
 def matmul_peak(size: int, dtype: torch.dtype, repeats: int = 7) -> float:
@@ -52,6 +53,14 @@ def study_batches(tokenizer, item_ids: list[int], batch: int, length: int, seed:
         labels[:, -1] = ids[:, -1]
         out[task] = [TaskBatch(ids, torch.ones_like(ids), labels)]
     return out
+
+
+def random_bases(model: torch.nn.Module, cfg: GEMSConfig) -> dict[str, torch.Tensor]:
+    """Orthonormal ``U_k`` per target weight (input side): the projection's cost at ``cfg.k``."""
+    gen = torch.Generator().manual_seed(0)
+    return {name: torch.linalg.qr(torch.randn(p.shape[1], cfg.k, generator=gen)).Q
+            for name in target_parameter_names(model, cfg.target_modules)
+            for p in [model.get_parameter(name)]}
 
 
 def step_flops(model: torch.nn.Module, batch: int, length: int) -> float:
@@ -81,6 +90,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--t-svd", type=int, default=50)
+    ap.add_argument("--k", type=int, default=0, help="GEMS null-space rank (random orthonormal bases; "
+                    "the projection's cost, not its content)")
     ap.add_argument("--attention", default="auto", choices=("auto", "eager", "sdpa"))
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one step")
     args = ap.parse_args()
@@ -101,8 +112,9 @@ def main() -> None:
     for precision, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
         for name in ("adamw", "gems"):
             model.load_state_dict(base_state)
-            cfg = GEMSConfig(method=name, k=0, t_svd=args.t_svd)
-            method = build_method(model, cfg, 1e-5, item_token_ids=item_ids, loss="catalog")
+            cfg = GEMSConfig(method=name, k=args.k, t_svd=args.t_svd)
+            bases = random_bases(model, cfg) if name == "gems" and args.k else None
+            method = build_method(model, cfg, 1e-5, bases, item_token_ids=item_ids, loss="catalog")
             if args.profile and name == "adamw" and precision == "bf16":
                 _profile(method, batches, dtype)
             seconds = time_steps(method, batches, args.steps, dtype, refresh_every=args.t_svd)
