@@ -71,7 +71,12 @@ def shard_datasets(shard_dir: Path) -> dict[str, ray.data.Dataset]:
                          "search and rec examples")
     frames = {"train": train, "val": read_split(shard_dir, "val"),
               "items": read_items(shard_dir).select(["item_id", "title"])}
-    return {name: ray.data.from_arrow(frame.to_arrow()) for name, frame in frames.items()}
+    datasets = {name: ray.data.from_arrow(frame.to_arrow()) for name, frame in frames.items()}
+    for dataset in datasets.values():
+        # A dataset carries the driver's DataContext to the workers: without this its progress bars
+        # stay open in the worker and are re-printed before every progress line of the run.
+        dataset.context.enable_progress_bars = False
+    return datasets
 
 
 def build_trainer(cfg: Config, shard_dir: Path, bases_path: Path | None, run_name: str,
