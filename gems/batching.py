@@ -20,10 +20,10 @@ from typing import Any, Generic, TypeVar, overload
 import numpy as np
 import torch
 
+from gems.prompts import IGNORE_INDEX
 from gems.step import TaskBatch
 
 TASKS: tuple[str, str] = ("search", "rec")
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

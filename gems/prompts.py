@@ -22,6 +22,8 @@ HISTORY_SEP = "; "
 EMPTY_HISTORY = "none"
 REC_CUE = "Next item:"
 SEARCH_CUE = "Clicked item:"
+#: The label of a position without loss (what torch's cross-entropy and HF's causal LM loss skip);
+#: defined here, where labels are made, and imported by the batching, step and loss modules.
 IGNORE_INDEX = -100
 
 _PROMPT = re.compile(

@@ -29,9 +29,8 @@ from torch import Tensor, nn
 
 from gems.conflict import ConflictSummary, cosine, summarize
 from gems.gate import TASKS
+from gems.prompts import IGNORE_INDEX
 from gems.target_loss import TargetLoss
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from gems.prompts import IGNORE_INDEX
+
 LossMode = Literal["catalog", "vocab"]
 LOSS_MODES: tuple[str, ...] = ("catalog", "vocab")
 
