@@ -160,7 +160,7 @@ def train_step(model: nn.Module, method: Any, batches: Mapping[str, Sequence[Tas
     """One optimizer step on ``batches`` (task -> micro-batches); returns its statistics.
 
     ``model`` is what runs forward (possibly DDP-wrapped); ``method`` is a
-    :class:`gems.baselines.Method`, a :class:`gems.optim.GEMSAdamW` or any torch optimizer over
+    :class:`gems.methods.Method`, a :class:`gems.optim.GEMSAdamW` or any torch optimizer over
     ``model``'s parameters. ``measure_conflict=False`` skips the conflict coefficient (GEMS then keeps
     no extra full-size gradient on steps without an SVD refresh); loops pass it on logging steps.
     ``loss``: the target softmax's candidates (:class:`gems.target_loss.TargetLoss`; default the

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from gems.baselines import Method, build_method
 from gems.checkpoint import (
     OPTIMIZER_FILE,
     CheckpointError,
@@ -21,6 +20,7 @@ from gems.checkpoint import (
     save_training_checkpoint,
 )
 from gems.config import GEMSConfig, ModelConfig
+from gems.methods import Method, build_method
 from gems.model import add_item_tokens, load_backbone
 from gems.schedule import build_lr_schedule
 from gems.step import TaskBatch

@@ -20,8 +20,8 @@ def _setup(tmp: Path):  # noqa: ANN202 - (model, tokenizer, method)
     """The same start in every process. The general corpus is a file of the test's own: left to the
     machine (shared wikitext, or generated text), processes that resolve it differently compute
     different null spaces, and the comparison would test the machine, not DDP."""
-    from gems.baselines import build_method
     from gems.config import GEMSConfig, ModelConfig
+    from gems.methods import build_method
     from gems.model import load_backbone
     from gems.nullspace import bases_for_run
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from optim_helpers import mixed_batches
 
-from gems.baselines import build_method
 from gems.batching import MixedTaskBatcher, TokenizedExample
 from gems.config import GEMSConfig
+from gems.methods import build_method
 from gems.model import add_item_tokens, load_backbone
 from gems.optim import GEMSAdamW
 from gems.prompts import encode_prompt, format_prompt

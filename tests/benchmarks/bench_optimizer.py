@@ -27,8 +27,8 @@ import psutil
 import torch
 from torch import nn
 
-from gems.baselines import Method, build_method
 from gems.config import Config, GEMSConfig, ModelConfig
+from gems.methods import Method, build_method
 from gems.model import load_backbone
 from gems.nullspace import bases_for_run
 from gems.step import TaskBatch, task_ce_sum, train_step

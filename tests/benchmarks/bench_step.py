@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from gems.baselines import build_method
 from gems.config import GEMSConfig, ModelConfig
+from gems.methods import build_method
 from gems.model import add_item_tokens, load_backbone
 from gems.step import TaskBatch
 from gems.subspace import target_parameter_names

@@ -33,12 +33,12 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from gems.baselines import build_method
 from gems.batching import LazyEncoded, MixedTaskBatcher, TokenizedExample
 from gems.checkpoint import TrainerState, load_training_checkpoint, save_training_checkpoint
 from gems.config import Config
 from gems.evaluate import evaluate_with_config
 from gems.item_init import aligned_vectors, init_item_rows
+from gems.methods import build_method
 from gems.metrics import flatten_metrics
 from gems.model import add_item_tokens, item_token_ids, load_backbone
 from gems.nullspace import load_bases

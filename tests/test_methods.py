@@ -21,7 +21,7 @@ def _loss(model, batches) -> float:
 
 @pytest.mark.parametrize("method", ["gems", "adamw", pytest.param("lora", marks=pytest.mark.slow), "galore"])
 def test_method_lowers_the_loss(tiny_model_and_tokenizer, tiny_items, method: str) -> None:
-    from gems.baselines import build_method
+    from gems.methods import build_method
 
     model, tok = tiny_model_and_tokenizer
     item_ids = add_item_tokens(model, tok, tiny_items)
@@ -51,7 +51,7 @@ def test_method_lowers_the_loss(tiny_model_and_tokenizer, tiny_items, method: st
 
 
 def test_invalid_learning_rate_is_named() -> None:
-    from gems.baselines import build_method
+    from gems.methods import build_method
 
     with pytest.raises(ValueError, match="train.lr"):
         build_method(torch.nn.Linear(2, 2), GEMSConfig(method="adamw"), lr=0.0)
