@@ -2,7 +2,9 @@
 
 Logged before projection (the raw per-task gradients) and after it (between the task-specific
 updates GEMS actually applies), as the mean over layers and the share of layers with rho < 0,
-so a run shows whether the subspaces separate the tasks (DESIGN.md section 5).
+so a run shows whether the subspaces separate the tasks (DESIGN.md section 5). Methods other than
+GEMS get the per-task gradients by setting the first task's aside (:func:`take_grads`) and
+comparing it with the second's (:func:`conflict_and_restore`), which leaves the mixed gradient.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def cosine(a: Tensor, b: Tensor) -> float:
@@ -49,3 +51,32 @@ def summarize(per_layer: Mapping[str, float]) -> ConflictSummary:
     negative = sum(1 for v in defined if v < 0)
     return ConflictSummary(float(torch.tensor(defined, dtype=torch.float64).mean()),
                            negative / len(defined), dict(per_layer))
+
+
+def take_grads(params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
+    """Move the first task's gradients aside so the second task's passes start from zero."""
+    out = {}
+    for name, p in params.items():
+        if p.grad is not None:
+            out[name] = p.grad
+            p.grad = None
+    return out
+
+
+def restore_grads(params: Mapping[str, nn.Parameter], stash: Mapping[str, Tensor]) -> None:
+    """Add the set-aside gradients back: ``.grad`` is then the sum over the tasks' passes."""
+    for name, g in stash.items():
+        p = params[name]
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+
+
+def conflict_and_restore(params: Mapping[str, nn.Parameter],
+                         stash: Mapping[str, Tensor]) -> dict[str, float]:
+    """cos(g_search, g_rec) per parameter, then ``.grad`` = their sum (the mixed gradient)."""
+    rhos = {name: cosine(stash[name], p.grad) for name, p in params.items()
+            if name in stash and p.grad is not None}
+    restore_grads(params, stash)
+    return rhos

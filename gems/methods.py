@@ -12,16 +12,21 @@
 - ``galore``: ``galore_torch.GaLoreAdamW`` (the reference implementation) with ``rank = r_shared``,
   ``update_proj_gap = t_svd``, ``scale = galore_scale``, ``proj_type = std`` on the target weights.
 
-Baselines run the same two per-task passes as GEMS (the mixed gradient is their sum), so the
-gradient conflict coefficient is logged for every method on the same layers; they then take one
-ordinary optimizer step on the mixed gradient. GaLore's optimizer state holds its projector
-objects (not tensors only, unlike GEMS); ``gems.checkpoint`` converts them for weights-only files.
+:func:`gems.step.train_step` runs the two per-task passes for every method and leaves what happens
+between and after them to the method (:class:`gems.step.StepMethod`): :class:`GemsMethod` hands
+each task's gradient to GEMSAdamW and lets it clip and step; the baselines (:class:`Method`, and
+:class:`LoraMethod`) set the first task's gradient aside to log the gradient conflict coefficient
+on the same layers as GEMS, then take one ordinary optimizer step on the mixed gradient (the sum).
+GaLore's optimizer state holds its projector objects (not tensors only, unlike GEMS);
+``gems.checkpoint`` converts them for weights-only files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -29,9 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from gems.config import GEMSConfig
+from gems.conflict import conflict_and_restore, restore_grads, summarize, take_grads
 from gems.item_rows import ItemRows
 from gems.optim import GEMSAdamW
-from gems.step import StepStats, TaskBatch, train_step
+from gems.step import StepMethod, StepStats, TaskBatch, train_step
 from gems.subspace import target_parameter_names
 from gems.target_loss import TargetLoss
 
@@ -40,7 +46,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Method:
-    """A model (peft-wrapped for LoRA) with its optimizer; ``train_step`` runs one step."""
+    """A model with its optimizer, stepped on the mixed gradient (adamw, galore; base of the others).
+
+    ``conflict_params``: the weights whose per-task gradients are compared (the conflict
+    coefficient); the first task's gradients wait in ``_stash`` until the second task's passes end.
+    """
 
     name: str
     model: nn.Module
@@ -48,6 +58,8 @@ class Method:
     conflict_params: dict[str, nn.Parameter] = field(default_factory=dict)
     target_loss: TargetLoss = field(default_factory=TargetLoss)
     item_rows: ItemRows | None = None
+    _stash: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
+    _rhos: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def train_step(self, batches: Mapping[str, Sequence[TaskBatch]], max_grad_norm: float | None = None,
                    autocast_dtype: torch.dtype | None = None, measure_conflict: bool = True,
@@ -60,10 +72,80 @@ class Method:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def merged_model(self) -> nn.Module:
-        """The plain model to evaluate / export (LoRA: a merged copy; the trainable one is untouched)."""
-        if self.name == "lora":
-            return copy.deepcopy(self.model).merge_and_unload()
+        """The plain model to evaluate / export."""
         return self.model
+
+    def begin_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._stash, self._rhos = {}, {}
+
+    def after_task_backward(self, task: str, measure_conflict: bool) -> None:
+        """First task: set its gradients aside; second: compare, then add them back."""
+        if measure_conflict and self.conflict_params:
+            if not self._stash:
+                self._stash = take_grads(self.conflict_params)
+            else:
+                self._rhos = conflict_and_restore(self.conflict_params, self._stash)
+
+    def finish_step(self, losses: dict[str, float], samples: dict[str, int],
+                    max_grad_norm: float | None) -> StepStats:
+        stash, rhos = self._stash, self._rhos
+        self._stash, self._rhos = {}, {}  # the stash may hold full-size gradients: free them now
+        if stash and not rhos:  # one task only: put its gradient back
+            restore_grads(self.conflict_params, stash)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        max_norm = max_grad_norm if max_grad_norm else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        with self._rows_rescaled():
+            self.optimizer.step()
+        return StepStats(loss=losses, samples=samples, grad_norm=grad_norm,
+                         conflict_before=summarize(rhos) if rhos else None)
+
+    def _rows_rescaled(self) -> contextlib.AbstractContextManager:
+        """Item rows' own learning rate and decay around the optimizer step (:mod:`gems.item_rows`)."""
+        if self.item_rows is None:
+            return contextlib.nullcontext()
+        return self.item_rows.rescaled(self.optimizer)
+
+
+@dataclass
+class LoraMethod(Method):
+    """LoRA adapters on a peft-wrapped model: exported merged into the weights."""
+
+    def merged_model(self) -> nn.Module:
+        """A merged copy; the trainable model is untouched."""
+        return copy.deepcopy(self.model).merge_and_unload()
+
+
+@dataclass
+class GemsMethod(Method):
+    """GEMSAdamW: it takes each task's gradient between the passes, clips and steps itself."""
+
+    optimizer: GEMSAdamW
+
+    def after_task_backward(self, task: str, measure_conflict: bool) -> None:
+        self.optimizer.capture_task_grad(task, keep_full=measure_conflict)
+
+    def finish_step(self, losses: dict[str, float], samples: dict[str, int],
+                    max_grad_norm: float | None) -> StepStats:
+        self.optimizer.set_task_stats(losses, samples)
+        grad_norm = self.optimizer.clip_grad_norm_(max_grad_norm)
+        with self._rows_rescaled():
+            self.optimizer.step()
+        report = self.optimizer.last_report
+        return StepStats(loss=losses, samples=samples, grad_norm=grad_norm, gate=report.gate,
+                         conflict_before=report.conflict_before, conflict_after=report.conflict_after,
+                         svd_refresh=report.refreshed, ranks=report.ranks)
+
+
+def as_method(model: nn.Module, method: StepMethod | torch.optim.Optimizer) -> StepMethod:
+    """``method`` itself, or the method that drives a bare optimizer over ``model`` (tests and
+    benchmarks step optimizers directly): GEMS for GEMSAdamW, else the plain mixed-gradient step."""
+    if not isinstance(method, torch.optim.Optimizer):
+        return method
+    if isinstance(method, GEMSAdamW):
+        return GemsMethod("gems", model, method)
+    return Method(type(method).__name__, model, method)
 
 
 def _named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -131,7 +213,7 @@ def _build(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mapping[str
     if method == "gems":
         protect = gems_cfg.k > 0 or gems_cfg.energy is not None
         optimizer = GEMSAdamW.for_model(model, gems_cfg, lr, bases if protect else None)
-        return Method("gems", model, optimizer)
+        return GemsMethod("gems", model, optimizer)
     if method == "adamw":
         named = _named_trainable(model)
         optimizer = _adamw([p for _, p in named], lr, gems_cfg)
@@ -140,7 +222,7 @@ def _build(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mapping[str
         wrapped = _lora(model, gems_cfg, item_token_ids)
         named = _named_trainable(wrapped)
         optimizer = _adamw([p for _, p in named], lr, gems_cfg)
-        return Method("lora", wrapped, optimizer, {n: p for n, p in named if "lora_" in n})
+        return LoraMethod("lora", wrapped, optimizer, {n: p for n, p in named if "lora_" in n})
     if method == "galore":
         from galore_torch import GaLoreAdamW
 

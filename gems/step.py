@@ -5,8 +5,10 @@ The mixed-batch loss is the token-mean cross-entropy over all target tokens of b
 (N = target tokens; one per example in our data). Each micro-batch of task x is back-propagated
 with loss ``sum CE / (N_s + N_r)``: after the search passes ``.grad`` holds ``w_s g_s``, after the rec
 passes it holds the mixed-batch gradient ``g_sh``. Two passes per step (one per task's
-sub-batch, times its micro-batches), never a third. GEMS takes each task's part between the
-passes (:meth:`gems.optim.GEMSAdamW.capture_task_grad`).
+sub-batch, times its micro-batches), never a third. The passes are the same for every method;
+what happens between them and the update after them belong to the method (:class:`StepMethod`,
+implemented in :mod:`gems.methods`): GEMS takes each task's part of ``.grad`` between the passes,
+the other methods measure the conflict there and take one ordinary step on the mixed gradient.
 
 Under DDP (``model`` wrapped in DistributedDataParallel) token counts are summed over ranks first
 and each rank scales its loss by ``world_size / N_global``, so DDP's gradient average is the
@@ -27,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gems.conflict import ConflictSummary, cosine, summarize
+from gems.conflict import ConflictSummary
 from gems.gate import TASKS
 from gems.prompts import IGNORE_INDEX
 from gems.target_loss import TargetLoss
@@ -86,9 +88,20 @@ class StepStats:
         return out
 
 
-class _HasOptimizer(Protocol):
-    optimizer: torch.optim.Optimizer
-    conflict_params: dict[str, nn.Parameter]
+class StepMethod(Protocol):
+    """What :func:`train_step` asks of a method around the shared per-task passes."""
+
+    target_loss: TargetLoss
+
+    def begin_step(self) -> None:
+        """Zero the gradients and forget any per-task state of an earlier (possibly failed) step."""
+
+    def after_task_backward(self, task: str, measure_conflict: bool) -> None:
+        """``.grad`` now holds the sum over the tasks passed so far, ``task`` last (it has tokens)."""
+
+    def finish_step(self, losses: dict[str, float], samples: dict[str, int],
+                    max_grad_norm: float | None) -> StepStats:
+        """Clip, update the weights, and say what the step did (``losses``/``samples``: global)."""
 
 
 def _world_size() -> int:
@@ -154,38 +167,34 @@ def _token_counts(batches: Mapping[str, Sequence[TaskBatch]]) -> dict[str, int]:
     return {t: int(total[i]) for i, t in enumerate(TASKS)}
 
 
-def train_step(model: nn.Module, method: Any, batches: Mapping[str, Sequence[TaskBatch]],
-               max_grad_norm: float | None = None, autocast_dtype: torch.dtype | None = None,
-               measure_conflict: bool = True, loss: TargetLoss | None = None) -> StepStats:
+def train_step(model: nn.Module, method: StepMethod | torch.optim.Optimizer,
+               batches: Mapping[str, Sequence[TaskBatch]], max_grad_norm: float | None = None,
+               autocast_dtype: torch.dtype | None = None, measure_conflict: bool = True,
+               loss: TargetLoss | None = None) -> StepStats:
     """One optimizer step on ``batches`` (task -> micro-batches); returns its statistics.
 
-    ``model`` is what runs forward (possibly DDP-wrapped); ``method`` is a
-    :class:`gems.methods.Method`, a :class:`gems.optim.GEMSAdamW` or any torch optimizer over
-    ``model``'s parameters. ``measure_conflict=False`` skips the conflict coefficient (GEMS then keeps
-    no extra full-size gradient on steps without an SVD refresh); loops pass it on logging steps.
-    ``loss``: the target softmax's candidates (:class:`gems.target_loss.TargetLoss`; default the
-    method's own, else the whole vocabulary).
+    ``model`` is what runs forward (possibly DDP-wrapped); ``method`` is a :class:`StepMethod`
+    (:class:`gems.methods.Method`), or a bare torch optimizer over ``model``'s parameters, which
+    :func:`gems.methods.as_method` wraps. ``measure_conflict=False`` skips the conflict
+    coefficient (GEMS then keeps no extra full-size gradient on steps without an SVD refresh);
+    loops pass it on logging steps. ``loss``: the target softmax's candidates
+    (:class:`gems.target_loss.TargetLoss`; default the method's own).
     """
-    from gems.optim import GEMSAdamW  # local: optim imports this module's siblings only
-
     unknown = set(batches) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) in batches: {sorted(unknown)}; expected {TASKS}")
-    optimizer = method if isinstance(method, torch.optim.Optimizer) else method.optimizer
-    conflict_params: dict[str, nn.Parameter] = getattr(method, "conflict_params", {}) or {}
-    loss = loss or getattr(method, "target_loss", None)
-    item_rows = getattr(method, "item_rows", None)
-    gems = isinstance(optimizer, GEMSAdamW)
+    from gems.methods import as_method  # local: gems.methods builds on this module
+
+    method = as_method(model, method)
+    loss = loss or method.target_loss
     counts = _token_counts(batches)
     total = sum(counts.values())
     if total == 0:
         raise ValueError("train_step: the batches hold no target tokens (all labels are -100)")
     scale = _world_size() / total
     model.train()
-    optimizer.zero_grad(set_to_none=True)
+    method.begin_step()
     ce_sums = torch.zeros(len(TASKS), dtype=torch.float64)
-    stash: dict[str, Tensor] = {}
-    rhos: dict[str, float] = {}
     for i, task in enumerate(TASKS):
         micro = list(batches.get(task, ()))
         for j, batch in enumerate(micro):
@@ -193,65 +202,9 @@ def train_step(model: nn.Module, method: Any, batches: Mapping[str, Sequence[Tas
                 ce = task_ce_sum(model, batch, autocast_dtype, loss)
                 (ce * scale).backward()
             ce_sums[i] += float(ce.detach())
-        if counts[task] == 0:
-            continue
-        if gems:
-            optimizer.capture_task_grad(task, keep_full=measure_conflict)
-        elif measure_conflict and conflict_params:
-            if not stash:
-                stash = _take_grads(conflict_params)
-            else:
-                rhos = _conflict_and_restore(conflict_params, stash)
+        if counts[task] > 0:
+            method.after_task_backward(task, measure_conflict)
     ce_sums = _all_reduce_sum(ce_sums)
     losses = {t: float(ce_sums[i]) / counts[t] for i, t in enumerate(TASKS) if counts[t] > 0}
     samples = {t: counts[t] for t in TASKS if counts[t] > 0}
-    if gems:
-        optimizer.set_task_stats(losses, samples)
-        grad_norm = optimizer.clip_grad_norm_(max_grad_norm)
-        with _rows_rescaled(item_rows, optimizer):
-            optimizer.step()
-        report = optimizer.last_report
-        return StepStats(loss=losses, samples=samples, grad_norm=grad_norm, gate=report.gate,
-                         conflict_before=report.conflict_before, conflict_after=report.conflict_after,
-                         svd_refresh=report.refreshed, ranks=report.ranks)
-    if stash and not rhos:  # one task only: put its gradient back
-        _restore(conflict_params, stash)
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf))
-    with _rows_rescaled(item_rows, optimizer):
-        optimizer.step()
-    return StepStats(loss=losses, samples=samples, grad_norm=grad_norm,
-                     conflict_before=summarize(rhos) if rhos else None)
-
-
-def _rows_rescaled(item_rows: Any, optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager:
-    """Item rows' own learning rate and decay around the optimizer step (:mod:`gems.item_rows`)."""
-    return item_rows.rescaled(optimizer) if item_rows is not None else contextlib.nullcontext()
-
-
-def _take_grads(params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
-    """Move the first task's gradients aside so the second task's passes start from zero."""
-    out = {}
-    for name, p in params.items():
-        if p.grad is not None:
-            out[name] = p.grad
-            p.grad = None
-    return out
-
-
-def _restore(params: Mapping[str, nn.Parameter], stash: Mapping[str, Tensor]) -> None:
-    for name, g in stash.items():
-        p = params[name]
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
-
-
-def _conflict_and_restore(params: Mapping[str, nn.Parameter],
-                          stash: Mapping[str, Tensor]) -> dict[str, float]:
-    """cos(g_search, g_rec) per parameter, then ``.grad`` = their sum (the mixed gradient)."""
-    rhos = {name: cosine(stash[name], p.grad) for name, p in params.items()
-            if name in stash and p.grad is not None}
-    _restore(params, stash)
-    return rhos
+    return method.finish_step(losses, samples, max_grad_norm)
