@@ -7,7 +7,7 @@ materialised): on the input side ``G <- G P`` so ``(W_t - W_0) U_k = 0`` and ``W
 every x in span(U_k); on the output side ``G <- P G`` so ``U_k^T (W_t - W_0) = 0``.
 
 This module holds the projection math and ``build_bases``, which estimates ``U_k`` from a
-general-domain corpus and caches it.
+general-domain corpus (:mod:`gems.general_text`) and caches it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,12 +28,25 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from gems.config import GEMSConfig
+from gems.general_text import (
+    GENERATION_PROMPTS,
+    SEQ_LEN,
+    GeneralCorpus,
+    generate_general_texts,
+    read_paragraphs,
+    token_windows,
+)
 from gems.paths import shared_file
 from gems.subspace import Subspace, target_parameter_names
 
 log = logging.getLogger(__name__)
 
 NullSide = Literal["input", "output"]
+
+__all__ = [  # the public names of the null-space machinery, wherever they live
+    "GENERATION_PROMPTS", "Bases", "GeneralCorpus", "NullSpace", "activation_covariances", "bases_for_run",
+    "build_bases", "load_bases", "resolve_general_corpus", "save_bases", "token_windows",
+]
 
 
 @dataclass(frozen=True)
@@ -68,33 +80,6 @@ class NullSpace:
 
 # ------------------------------------------------------------------ estimating U_k from text
 
-#: Prompts whose greedy continuations by the base model form the general corpus of last resort
-#: (a fresh machine without wikitext and no ``gems.general_corpus``). Diverse on purpose:
-#: narrative, science, how-to, dialogue, code, lists, history, law, cooking, sport...
-GENERATION_PROMPTS: tuple[str, ...] = (
-    "Once upon a time, in a small village by the sea,",
-    "The theory of general relativity describes gravity as",
-    "To bake a simple loaf of bread, you will need",
-    "Q: What is the capital of Australia?\nA:",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "The main causes of the First World War were",
-    "Here are five tips for staying productive while working from home:\n1.",
-    "Dear hiring manager, I am writing to apply for",
-    "The human heart has four chambers, which",
-    "In economics, inflation refers to",
-    "The football match ended in a draw after",
-    "Photosynthesis is the process by which plants",
-    "A contract is legally binding when",
-    "The following is a conversation between a customer and a shop assistant.\nCustomer:",
-    "Mount Everest, the highest mountain on Earth, is located",
-    "Machine learning models are trained by",
-    "The recipe calls for two cups of flour, one egg and",
-    "Shakespeare's play Hamlet tells the story of",
-    "To change a flat tyre, first",
-    "The history of the printing press begins",
-)
-
-SEQ_LEN = 256
 COVARIANCE_BUDGET_BYTES = 512 * 2**20  # covariances accumulated per pass over the corpus
 
 
@@ -110,14 +95,6 @@ class Bases(dict[str, Tensor]):
 
     def describe(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in sorted(self.info.items()))
-
-
-@dataclass(frozen=True)
-class GeneralCorpus:
-    """General-domain text and where it came from (recorded with the run)."""
-
-    texts: list[str]
-    source: str
 
 
 def _sha(parts: Iterable[bytes]) -> str:
@@ -148,30 +125,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
-def generate_general_texts(model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_tokens: int,
-                           prompts: Sequence[str] = GENERATION_PROMPTS) -> list[str]:
-    """The base model's greedy continuations of fixed diverse prompts (deterministic).
-
-    A repetition penalty keeps small models from looping on one phrase; decoding stays greedy.
-    """
-    new_tokens = max(8, min(256, math.ceil(max_tokens / len(prompts))))
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    out = model.generate(input_ids=enc["input_ids"].to(device),
-                         attention_mask=enc["attention_mask"].to(device), max_new_tokens=new_tokens,
-                         do_sample=False, repetition_penalty=1.2, pad_token_id=tokenizer.pad_token_id)
-    model.train(was_training)
-    return tokenizer.batch_decode(out, skip_special_tokens=True)
-
-
 def resolve_general_corpus(cfg: GEMSConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                            cache_dir: Path | None) -> GeneralCorpus:
     """``gems.general_corpus`` if set, else wikitext-2 valid from shared data, else generated text."""
@@ -179,10 +132,10 @@ def resolve_general_corpus(cfg: GEMSConfig, model: nn.Module, tokenizer: PreTrai
         path = Path(cfg.general_corpus).expanduser()
         if not path.is_file():
             raise ValueError(f"gems.general_corpus: {path} is not a readable text file")
-        return GeneralCorpus(_read_paragraphs(path), f"file:{path}")
+        return GeneralCorpus(read_paragraphs(path), f"file:{path}")
     wikitext = shared_file("general", "wikitext2", "valid.txt")
     if wikitext is not None:
-        return GeneralCorpus(_read_paragraphs(wikitext), f"wikitext2-valid:{wikitext}")
+        return GeneralCorpus(read_paragraphs(wikitext), f"wikitext2-valid:{wikitext}")
     names = target_parameter_names(model, cfg.target_modules)
     key = f"{model_fingerprint(model, names)[:16]}-{cfg.general_max_tokens}"
     cached = cache_dir / f"general-generated-{key}.json" if cache_dir is not None else None
@@ -195,29 +148,6 @@ def resolve_general_corpus(cfg: GEMSConfig, model: nn.Module, tokenizer: PreTrai
         tmp.write_text(json.dumps(texts))
         tmp.replace(cached)
     return GeneralCorpus(texts, f"generated:{cached or 'in-memory'}")
-
-
-def _read_paragraphs(path: Path) -> list[str]:
-    with path.open(encoding="utf-8", errors="replace") as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def token_windows(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, max_tokens: int,
-                  seq_len: int = SEQ_LEN) -> list[Tensor]:
-    """Concatenate documents (EOS between them) up to ``max_tokens`` and cut into windows."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-        if len(ids) >= max_tokens:
-            break
-    ids = ids[:max_tokens]
-    if not ids:
-        raise ValueError("the general corpus produced no tokens")
-    flat = torch.tensor(ids, dtype=torch.long)
-    return list(flat.split(seq_len))
 
 
 class _CovarianceHooks:

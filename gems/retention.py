@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gems.config import Config
+from gems.general_text import greedy_continuations
 from gems.items import ITEM_TOKEN_PREFIX
 from gems.paths import shared_file
 
@@ -165,24 +166,17 @@ def perplexity_and_kl(base: torch.nn.Module, tuned: torch.nn.Module, windows: li
             "kl": max(kl_sum / count, 0.0), "item_mass": item_mass_sum / count, "tokens": count}
 
 
-@torch.no_grad()
 def greedy_general_windows(model: torch.nn.Module, tokenizer: object, max_tokens: int,
                            prompts: Sequence[str] = FALLBACK_PROMPTS) -> list[torch.Tensor]:
-    """Fallback general text: the base model's greedy continuations of fixed prompts (token ids)."""
+    """Fallback general text: the base model's greedy continuations of fixed prompts (token ids).
+
+    One prompt at a time (BOS first), so no window holds padding, and each runs to its full length.
+    """
     per_prompt = max(1, max_tokens // len(prompts))
     pad = tokenizer.pad_token_id or tokenizer.eos_token_id or 0  # type: ignore[attr-defined]
-    bos = tokenizer.bos_token_id  # type: ignore[attr-defined]
-    windows = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-        if bos is not None:
-            ids = [bos, *ids]
-        x = torch.tensor([ids], device=_device(model))
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x),  # type: ignore[operator]
-                             max_new_tokens=per_prompt, min_new_tokens=per_prompt,
-                             do_sample=False, pad_token_id=pad)
-        windows.append(out[0].cpu())
-    return windows
+    return [greedy_continuations(model, tokenizer, [prompt], per_prompt, pad, bos=True,  # type: ignore[arg-type]
+                                 min_new_tokens=per_prompt)[0].cpu()
+            for prompt in prompts]
 
 
 def _read_mmlu_csv(path: Path) -> list[dict[str, str]]:
