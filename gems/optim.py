@@ -12,7 +12,8 @@ independent loop implementation that this one must match.
 Per-task gradients arrive from two backward passes (see :func:`gems.step.train_step`): the loss of
 task x is scaled by ``w_x = N_x / (N_s + N_r)`` (N = target tokens), so ``.grad`` accumulates the
 mixed-batch gradient ``g_sh = w_s g_s + w_r g_r``, and :meth:`GEMSAdamW.capture_task_grad` is called
-after each task's passes. Memory (what is kept besides the AdamW state of non-target params):
+after each task's passes (by :class:`gems.methods.GemsMethod`, which also clips and steps). Memory
+(what is kept besides the AdamW state of non-target params):
 
 - persistent state (tensors only, so ``state_dict`` round-trips): per target weight the three
   bases (d x r), their moments (r x max(m, n) each), ``U_k`` and step counters;
