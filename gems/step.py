@@ -97,7 +97,7 @@ class StepMethod(Protocol):
         """Zero the gradients and forget any per-task state of an earlier (possibly failed) step."""
 
     def after_task_backward(self, task: str, measure_conflict: bool) -> None:
-        """``.grad`` now holds the sum over the tasks passed so far, ``task`` last (it has tokens)."""
+        """``task``'s passes have just added its gradient to ``.grad`` (only tasks with target tokens)."""
 
     def finish_step(self, losses: dict[str, float], samples: dict[str, int],
                     max_grad_norm: float | None) -> StepStats:
@@ -180,11 +180,11 @@ def train_step(model: nn.Module, method: StepMethod | torch.optim.Optimizer,
     loops pass it on logging steps. ``loss``: the target softmax's candidates
     (:class:`gems.target_loss.TargetLoss`; default the method's own).
     """
+    from gems.methods import as_method  # local: gems.methods builds on this module
+
     unknown = set(batches) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) in batches: {sorted(unknown)}; expected {TASKS}")
-    from gems.methods import as_method  # local: gems.methods builds on this module
-
     method = as_method(model, method)
     loss = loss or method.target_loss
     counts = _token_counts(batches)
