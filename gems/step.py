@@ -167,25 +167,22 @@ def _token_counts(batches: Mapping[str, Sequence[TaskBatch]]) -> dict[str, int]:
     return {t: int(total[i]) for i, t in enumerate(TASKS)}
 
 
-def train_step(model: nn.Module, method: StepMethod | torch.optim.Optimizer,
+def train_step(model: nn.Module, method: StepMethod,
                batches: Mapping[str, Sequence[TaskBatch]], max_grad_norm: float | None = None,
                autocast_dtype: torch.dtype | None = None, measure_conflict: bool = True,
                loss: TargetLoss | None = None) -> StepStats:
     """One optimizer step on ``batches`` (task -> micro-batches); returns its statistics.
 
     ``model`` is what runs forward (possibly DDP-wrapped); ``method`` is a :class:`StepMethod`
-    (:class:`gems.methods.Method`), or a bare torch optimizer over ``model``'s parameters, which
-    :func:`gems.methods.as_method` wraps. ``measure_conflict=False`` skips the conflict
+    (:class:`gems.methods.Method`; :func:`gems.methods.as_method` gives one for a bare torch
+    optimizer). ``measure_conflict=False`` skips the conflict
     coefficient (GEMS then keeps no extra full-size gradient on steps without an SVD refresh);
     loops pass it on logging steps. ``loss``: the target softmax's candidates
     (:class:`gems.target_loss.TargetLoss`; default the method's own).
     """
-    from gems.methods import as_method  # local: gems.methods builds on this module
-
     unknown = set(batches) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) in batches: {sorted(unknown)}; expected {TASKS}")
-    method = as_method(model, method)
     loss = loss or method.target_loss
     counts = _token_counts(batches)
     total = sum(counts.values())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gems.step import TaskBatch
+from gems.methods import as_method
+from gems.step import StepStats, TaskBatch, train_step
 
 
 def task_batch(rows: int, seq: int, vocab: int, seed: int, pad_left: int = 0) -> TaskBatch:
@@ -30,3 +31,9 @@ def mixed_batches(vocab: int, seed: int = 0, rows: tuple[int, int] = (4, 3),
 
 def snapshot(model: nn.Module, names: list[str] | None = None) -> dict[str, Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if names is None or n in names}
+
+
+def step_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, batches: dict[str, list[TaskBatch]],
+                   *args: object, **kwargs: object) -> StepStats:
+    """``train_step`` with a bare optimizer: the method that drives it (GEMS for GEMSAdamW)."""
+    return train_step(model, as_method(model, optimizer), batches, *args, **kwargs)  # type: ignore[arg-type]

@@ -77,8 +77,8 @@ def test_two_ranks_stay_identical_and_match_one_process(tmp_path: Path) -> None:
     losses = []
     for step in range(STEPS):
         parts = [_rank_batches(len(tok), r, step) for r in (0, 1)]
-        stats = method.train_step({t: parts[0][t] + parts[1][t] for t in ("search", "rec")}, max_grad_norm=1.0,
-                                  measure_conflict=step % 2 == 0)
+        both = {t: parts[0][t] + parts[1][t] for t in ("search", "rec")}
+        stats = method.train_step(both, max_grad_norm=1.0, measure_conflict=step % 2 == 0)
         losses.append(stats.mixed_loss)
     assert r0["losses"] == pytest.approx(losses, rel=1e-4)
     for name, p in model.named_parameters():
@@ -86,4 +86,5 @@ def test_two_ranks_stay_identical_and_match_one_process(tmp_path: Path) -> None:
         moved_one = p.detach() - start[name]
         assert moved_ddp.abs().max() > 0, f"{name} did not train"
         gap = (moved_ddp - moved_one).abs().max().item()
-        assert gap <= 0.02 * moved_one.abs().max().item() + 1e-6, f"{name}: DDP and one process differ by {gap:.2e}"
+        assert gap <= 0.02 * moved_one.abs().max().item() + 1e-6, \
+            f"{name}: DDP and one process differ by {gap:.2e}"

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from optim_helpers import mixed_batches, snapshot, task_batch
+from optim_helpers import mixed_batches, snapshot, step_optimizer, task_batch
 from pydantic import ValidationError
 
 from gems.config import ConfigError, GEMSConfig, config_from_dict
 from gems.model import load_backbone
 from gems.nullspace import bases_for_run
 from gems.optim import GEMSAdamW, target_parameter_names
-from gems.step import TaskBatch, train_step
+from gems.step import TaskBatch
 
 torch.set_num_threads(1)
 
@@ -45,7 +45,7 @@ def test_shared_gradient_equals_mixed_batch_gradient(tiny_model_and_tokenizer, m
         batches["search"] = [TaskBatch(b.input_ids[i:i + 2], b.attention_mask[i:i + 2], b.labels[i:i + 2])
                              for i in (0, 2)]
     frozen = torch.optim.SGD(model.parameters(), lr=0.0)  # a step that leaves .grad = g_sh in place
-    train_step(model, frozen, batches, max_grad_norm=None, measure_conflict=False)
+    step_optimizer(model, frozen, batches, max_grad_norm=None, measure_conflict=False)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
 
@@ -55,9 +55,9 @@ def test_gems_lean_step_leaves_the_mixed_gradient(tiny_model_and_tokenizer) -> N
     model, tok = tiny_model_and_tokenizer
     opt = GEMSAdamW.for_model(model, GEMSConfig(r_shared=4, t_svd=100, k=0), 1e-3)
     batches = mixed_batches(len(tok), seed=7)
-    train_step(model, opt, batches, None, measure_conflict=False)  # step 0 refreshes
+    step_optimizer(model, opt, batches, None, measure_conflict=False)  # step 0 refreshes
     expected = _mixed_gradient(model, batches)
-    stats = train_step(model, opt, batches, None, measure_conflict=False)
+    stats = step_optimizer(model, opt, batches, None, measure_conflict=False)
     assert not stats.svd_refresh and stats.conflict_before is None
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
@@ -69,7 +69,7 @@ def test_task_subspaces_are_complementary(tiny_model_and_tokenizer) -> None:
         m = copy.deepcopy(model)
         opt = GEMSAdamW.for_model(m, GEMSConfig(r_shared=4, t_svd=2, k=0, complementary=complementary), 1e-3)
         for step in range(5):
-            train_step(m, opt, mixed_batches(len(tok), seed=step), 1.0)
+            step_optimizer(m, opt, mixed_batches(len(tok), seed=step), 1.0)
         overlaps = []
         for p in opt._layers:
             st = opt.state[p]
@@ -87,21 +87,22 @@ def test_batch_missing_a_task_gets_zero_gate_and_untouched_moments(tiny_model_an
     model, tok = tiny_model_and_tokenizer
     opt = GEMSAdamW.for_model(model, GEMSConfig(r_shared=4, t_svd=3, k=0), 1e-3)
     before = snapshot(model)
-    stats = train_step(model, opt, {"search": mixed_batches(len(tok))["search"], "rec": []}, 1.0)
+    stats = step_optimizer(model, opt, {"search": mixed_batches(len(tok))["search"], "rec": []}, 1.0)
     assert stats.gate == {"search": 1.0, "rec": 0.0}
     assert set(stats.loss) == {"search"} and stats.conflict_before is None
     for p in opt._layers:
         assert int(opt.state[p]["t_rec"]) == 0 and bool(opt.state[p]["due_rec"])  # refresh waits for rec
         assert int(opt.state[p]["t_search"]) == 1
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
-    train_step(model, opt, mixed_batches(len(tok)), 1.0)  # rec arrives: its basis is computed now
+    step_optimizer(model, opt, mixed_batches(len(tok)), 1.0)  # rec arrives: its basis is computed now
     assert all(not bool(opt.state[p]["due_rec"]) for p in opt._layers)
 
 
 def test_bf16_autocast_and_clipping(tiny_model_and_tokenizer) -> None:
     model, tok = tiny_model_and_tokenizer
     opt = GEMSAdamW.for_model(model, GEMSConfig(r_shared=4, t_svd=3, k=0), 1e-3)
-    stats = train_step(model, opt, mixed_batches(len(tok)), max_grad_norm=1e-3, autocast_dtype=torch.bfloat16)
+    stats = step_optimizer(model, opt, mixed_batches(len(tok)), max_grad_norm=1e-3,
+                           autocast_dtype=torch.bfloat16)
     assert stats.grad_norm > 1e-3 and opt.last_report.clip_coef < 1
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.as_metrics().values())
@@ -109,7 +110,7 @@ def test_bf16_autocast_and_clipping(tiny_model_and_tokenizer) -> None:
 
 def _run(model, opt, steps: range, tok) -> None:
     for step in steps:
-        train_step(model, opt, mixed_batches(len(tok), seed=step), 1.0, measure_conflict=step % 3 == 0)
+        step_optimizer(model, opt, mixed_batches(len(tok), seed=step), 1.0, measure_conflict=step % 3 == 0)
 
 
 def test_resume_continues_exactly(tiny_cfg, tmp_path: Path) -> None:
@@ -166,7 +167,7 @@ def test_k_beyond_the_layer_and_rank_clamping(tiny_model_and_tokenizer, caplog) 
 def test_single_subspace_ablation_and_fixed_gate(tiny_model_and_tokenizer) -> None:
     model, tok = tiny_model_and_tokenizer
     opt = GEMSAdamW.for_model(model, GEMSConfig(r_shared=4, k=0, task_subspaces=False, fixed_gate=0.25), 1e-3)
-    stats = train_step(model, opt, mixed_batches(len(tok)), 1.0)
+    stats = step_optimizer(model, opt, mixed_batches(len(tok)), 1.0)
     assert stats.gate == {"search": 0.25, "rec": 0.75}
     assert all(set(layer.ranks) == {"shared"} for layer in opt._layers.values())
     assert stats.conflict_before is not None and stats.conflict_after is None  # no task updates
@@ -179,7 +180,7 @@ def test_lean_capture_keeps_no_gradient_copy(tiny_model_and_tokenizer) -> None:
     model, tok = tiny_model_and_tokenizer
     opt = GEMSAdamW.for_model(model, GEMSConfig(r_shared=4, t_svd=100, k=0), 1e-3)
     batches = mixed_batches(len(tok))
-    train_step(model, opt, batches, None)  # step 0: refresh
+    step_optimizer(model, opt, batches, None)  # step 0: refresh
     assert not opt.refresh_due()
     opt.zero_grad()
     (task_ce_sum(model, batches["search"][0]) / 7).backward()

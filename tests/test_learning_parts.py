@@ -274,10 +274,10 @@ def test_steps_keep_working_with_rank_deficient_batches(tiny_model_and_tokenizer
     """Two target tokens per task and rank 16: no NaN, no update from empty basis columns."""
     model, tok = tiny_model_and_tokenizer
     opt = GEMSAdamW.for_model(model, GEMSConfig(r_shared=16, t_svd=2, k=0), 1e-3)
-    from gems.step import train_step
+    from optim_helpers import step_optimizer
 
     for step in range(3):
-        stats = train_step(model, opt, mixed_batches(len(tok), seed=step, rows=(2, 2)), 1.0)
+        stats = step_optimizer(model, opt, mixed_batches(len(tok), seed=step, rows=(2, 2)), 1.0)
         assert np.isfinite(stats.mixed_loss)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -322,10 +322,10 @@ def test_refresh_reports_the_ranks_the_gradients_hold(tiny_model_and_tokenizer) 
     subspaces report far fewer directions in use than their configured ranks."""
     model, tok = tiny_model_and_tokenizer
     opt = GEMSAdamW.for_model(model, GEMSConfig(r_shared=16, t_svd=5, k=0), 1e-3)
-    from gems.step import train_step
+    from optim_helpers import step_optimizer
 
-    stats = train_step(model, opt, mixed_batches(len(tok), seed=0, rows=(2, 2)), 1.0)
+    stats = step_optimizer(model, opt, mixed_batches(len(tok), seed=0, rows=(2, 2)), 1.0)
     assert stats.svd_refresh and set(stats.ranks) == {"shared", "search", "rec"}
     assert 0 < stats.ranks["shared"] < 16 and stats.ranks["search"] < 8 and stats.ranks["rec"] < 8
     assert "rank_shared" in stats.as_metrics()
-    assert train_step(model, opt, mixed_batches(len(tok), seed=1, rows=(2, 2)), 1.0).ranks == {}
+    assert step_optimizer(model, opt, mixed_batches(len(tok), seed=1, rows=(2, 2)), 1.0).ranks == {}

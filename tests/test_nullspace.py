@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from optim_helpers import mixed_batches, snapshot
+from optim_helpers import mixed_batches, snapshot, step_optimizer
 
 import gems.nullspace as nullspace
 from gems.config import GEMSConfig
@@ -22,7 +22,6 @@ from gems.nullspace import (
     token_windows,
 )
 from gems.optim import GEMSAdamW, target_parameter_names
-from gems.step import train_step
 from gems.subspace import Subspace
 
 torch.set_num_threads(1)
@@ -130,7 +129,7 @@ def _train(model, tok, cfg: GEMSConfig, bases, steps: int) -> None:
     opt = GEMSAdamW.for_model(model, cfg, 1e-3, bases)
     batches = mixed_batches(len(tok), seed=3)
     for _ in range(steps):
-        train_step(model, opt, batches, max_grad_norm=1.0, measure_conflict=False)
+        step_optimizer(model, opt, batches, max_grad_norm=1.0, measure_conflict=False)
 
 
 @pytest.mark.slow

@@ -188,7 +188,8 @@ def test_asha_counts_evaluations_of_a_trial() -> None:
 
     every_10 = ["tune.eval_every=10"]
     assert evals_per_trial(load_config("demo", [*every_10, "train.max_steps=30"])) == 3
-    assert evals_per_trial(load_config("demo", [*every_10, "train.max_steps=35"])) == 4  # and always at the end
+    # and always at the end
+    assert evals_per_trial(load_config("demo", [*every_10, "train.max_steps=35"])) == 4
     assert evals_per_trial(load_config("tiny")) == 1  # only the final evaluation: ASHA has nothing to cut
     scheduler = build_scheduler(load_config("demo", [*every_10, "train.max_steps=30"]))
     assert scheduler._time_attr == "evals" and scheduler._max_t == 3
