@@ -1,15 +1,18 @@
-"""Typed, validated configuration for every GEMS-SR job.
+"""Typed, validated configuration: the library's sections (data, model, items, gems, train, eval,
+sasrec) and the loader every job's config goes through.
 
-One YAML file (under ``pipelines/configs/``) holds the sections below; ``--set a.b=value`` overrides
+One YAML file (under ``pipelines/configs/``) holds a job's sections; ``--set a.b=value`` overrides
 any field. Validation happens at load time so a bad value fails in seconds, naming the field, the
-value and the allowed range, instead of hours later inside a Ray worker.
+value and the allowed range, instead of hours later inside a Ray worker. The sections of the Ray
+Tune, MLflow and nightly layer (tune, mlflow, nightly) live with it, in ``tune/config.py``, whose
+``JobConfig`` extends ``Config`` and is validated with it in one pass (``validate_config``).
 """
 
 from __future__ import annotations
 
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,11 +27,13 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names every offending field."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys are errors, and assignments are validated too."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     source: Literal["synthetic", "events", "qilin", "amazon"] = Field(
         "synthetic", description="Where raw logs come from: the simulator, contract-format event "
         "files (JSONL/Parquet, optionally dt=YYYY-MM-DD partitioned), Qilin CSVs or Amazon LC-Rec JSON.")
@@ -82,7 +87,7 @@ class DataConfig(_Section):
         return self
 
 
-class TinyLlamaConfig(_Section):
+class TinyLlamaConfig(Section):
     hidden_size: int = Field(64, ge=8, le=4096, description="Tiny test model width.")
     intermediate_size: int = Field(128, ge=8, le=16384, description="Tiny test model MLP width.")
     num_hidden_layers: int = Field(2, ge=1, le=64, description="Tiny test model depth.")
@@ -103,7 +108,7 @@ class TinyLlamaConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name_or_path: str = Field(..., min_length=1, description="A local Hugging Face causal-LM "
                               "directory, 'smollm2-135m' (embedded GGUF, cached as safetensors) or "
                               "'tiny-llama' (random, for tests).")
@@ -130,7 +135,7 @@ class ModelConfig(_Section):
         return self
 
 
-class ItemsConfig(_Section):
+class ItemsConfig(Section):
     init: Literal["title", "collab", "title+collab"] = Field(
         "title", description="Where item-token rows start: the mean of the title's token embeddings "
         "(language knowledge), collaborative vectors of a SASRec trained on the same train split and "
@@ -144,7 +149,7 @@ class ItemsConfig(_Section):
                                 "(relative).")
 
 
-class GateWeights(_Section):
+class GateWeights(Section):
     loss: float = Field(0.4, ge=0, le=1, description="Weight of each task's share of the loss.")
     grad_norm: float = Field(0.4, ge=0, le=1, description="Weight of the gradient-norm share.")
     samples: float = Field(0.2, ge=0, le=1, description="Weight of the sample share.")
@@ -156,7 +161,7 @@ class GateWeights(_Section):
         return self
 
 
-class GEMSConfig(_Section):
+class GEMSConfig(Section):
     method: Literal["gems", "adamw", "lora", "galore"] = Field(
         "gems", description="Optimizer/method; baselines share data, prompts and evaluation.")
     target_modules: list[str] = Field(
@@ -227,7 +232,7 @@ class GEMSConfig(_Section):
         return self.r_rec or max(1, self.r_shared // 2)
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers.")
     use_gpu: bool = Field(False, description="GPU actors (production) or CPU workers (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0, le=1024, description="CPUs reserved per worker.")
@@ -275,7 +280,7 @@ class TrainConfig(_Section):
                                      "by prompt length (less padding); 1 = no bucketing.")
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1,
                           description="K for Hit@K (NDCG uses those >= 5).")
     num_negatives: int = Field(99, ge=1, le=100_000, description="Sampled negatives per target "
@@ -291,84 +296,10 @@ class EvalConfig(_Section):
     mmlu_questions: int = Field(100, ge=0, description="Seeded MMLU-Redux subset size (0 = skip).")
 
 
-class SearchRange(_Section):
-    low: float | None = Field(None, description="Lower bound (numeric fields).")
-    high: float | None = Field(None, description="Upper bound (numeric fields).")
-    log: bool = Field(False, description="Sample on a log scale.")
-    integer: bool = Field(False, description="Sample integers.")
-    choices: list[str] | None = Field(None, min_length=1, description="Values to choose from "
-                                      "(fields with a fixed set of values, e.g. train.loss).")
+class Config(Section):
+    """The library's sections: what gems/ and serving/ read. A job's config (``tune/config.py``)
+    extends it with the sections of the Ray Tune, MLflow and nightly layer."""
 
-    @property
-    def categorical(self) -> bool:
-        return self.choices is not None
-
-    @model_validator(mode="after")
-    def _ordered(self) -> SearchRange:
-        if self.choices is not None:
-            if self.low is not None or self.high is not None or self.log or self.integer:
-                raise ValueError("a range has either choices or low/high, not both")
-            return self
-        if self.low is None or self.high is None:
-            raise ValueError("a numeric range needs low and high (or give choices)")
-        if self.low > self.high:
-            raise ValueError(f"low {self.low} > high {self.high}")
-        if self.log and self.low <= 0:
-            raise ValueError(f"log scale needs low > 0, got {self.low}")
-        return self
-
-
-class TuneConfig(_Section):
-    num_samples: int = Field(4, ge=1, le=100_000, description="Trials in the sweep.")
-    max_concurrent: int | None = Field(None, ge=1, description="Concurrent trials (None = from "
-                                       "cluster CPUs / trial CPUs).")
-    algorithm: Literal["tpe", "nsga2"] = Field("tpe", description="TPE on the unified metric, or "
-                                               "multi-objective NSGA-II on search vs rec.")
-    asha_grace_period: int = Field(1, ge=1, description="Reports before ASHA may stop a trial.")
-    asha_reduction_factor: float = Field(2.0, gt=1, description="ASHA reduction factor.")
-    space: dict[str, SearchRange] = Field(default_factory=dict, description="Search space: "
-                                          "gems.* or train.* field -> range.")
-    study_storage: str | None = Field(None, description="Optuna RDB URL for a resumable study "
-                                      "(None = sqlite under state_dir).")
-    points_to_evaluate: list[dict[str, float | str]] = Field(
-        default_factory=list, description="Points (dotted field -> value) tried first, e.g. known-good "
-        "defaults; an invalid point fails only its own trial.")
-    resume: bool = Field(True, description="Resume an interrupted sweep of the same config and data "
-                         "(finished trials kept); False = always start a new sweep.")
-    data_cpus: float = Field(1.0, ge=0, le=1024, description="CPUs left free for Ray Data ingest when "
-                             "max_concurrent is computed from the cluster (avoids Data/Train deadlock).")
-    eval_every: int | None = Field(None, ge=1, description="Val evaluations every N steps inside sweep "
-                                   "trials: ASHA's rungs (None = train.eval_every).")
-
-
-class MLflowConfig(_Section):
-    tracking_uri: str | None = Field(None, description="Overrides MLFLOW_TRACKING_URI; None = env "
-                                     "var, else sqlite:///<state_dir>/mlflow.db.")
-    experiment: str = Field("gems-sr", min_length=1, description="Experiment name.")
-    registered_model: str = Field("gems-sr", min_length=1, description="Registry name of the "
-                                  "unified model.")
-    top_k: int = Field(10, ge=1, le=10_000, description="Items returned by the served model.")
-
-
-class NightlyConfig(_Section):
-    tolerance: float = Field(0.005, ge=0, le=1, description="Challenger may be this much worse on "
-                             "the unified metric and still be promoted.")
-    retention_tolerance: float = Field(0.05, ge=0, description="Allowed relative perplexity "
-                                       "increase vs the champion.")
-    max_kl: float | None = Field(0.5, ge=0, description="Largest mean KL(champion || challenger) per "
-                                 "general-text token, nats; None = no drift gate. Also measured where "
-                                 "perplexity is not (no held-out human text on the machine).")
-    sweep: bool = Field(False, description="Small sweep instead of the champion's params.")
-    max_steps: int | None = Field(None, ge=1, description="Fine-tuning steps (None = train.max_steps).")
-    history_days: int = Field(1, ge=0, le=366, description="Day partitions before the first new one "
-                              "that are re-read, for the users active in the new ones: their "
-                              "histories, and the training days when only one new day arrived.")
-    override_params: dict[str, float] = Field(
-        default_factory=dict, description="Dotted gems.*/train.* fields set on top of the champion's "
-        "hyperparameters (experiments, or tests forcing a bad challenger with train.lr).")
-
-
-class Config(_Section):
     name: str = Field("gems-sr", min_length=1, description="Run name prefix.")
     state_dir: str = Field(".state", description="Absolute or project-relative root for data, "
                            "caches, MLflow DB and checkpoints.")
@@ -378,9 +309,6 @@ class Config(_Section):
     gems: GEMSConfig = Field(default_factory=GEMSConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    tune: TuneConfig = Field(default_factory=TuneConfig)
-    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
-    nightly: NightlyConfig = Field(default_factory=NightlyConfig)
     sasrec: SASRecConfig = Field(default_factory=SASRecConfig, description="The SASRec "
                                  "collaborative floor (methods sasrec, sasrec-bm25).")
 
@@ -394,6 +322,9 @@ class Config(_Section):
         """A path from the config: absolute as given, else under the state dir."""
         p = Path(relative).expanduser()
         return p if p.is_absolute() else self.state_path / p
+
+
+C = TypeVar("C", bound=Config)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -422,12 +353,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError, schema: type[Config]) -> str:
+    where = " or ".join(f"{c.__module__.replace('.', '/')}.py"
+                        for c in schema.__mro__ if issubclass(c, Config))
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "<config>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"{field}: unknown key (check spelling; see gems/config.py)")
+            lines.append(f"{field}: unknown key (check spelling; see {where})")
         elif e["type"] == "missing":
             lines.append(f"{field}: required field is missing")
         else:
@@ -435,16 +368,18 @@ def _describe(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
+def validate_config(schema: type[C], raw: dict[str, Any], overrides: list[str] | None = None) -> C:
+    """``raw`` with ``--set`` overrides applied, validated in one pass as ``schema`` (Config or a
+    job config extending it); ConfigError naming every offending field."""
     raw = apply_overrides(dict(raw), list(overrides or []))
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_describe(err)) from None
+        raise ConfigError(_describe(err, schema)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (a bare name looks in pipelines/configs/) and apply ``--set`` overrides."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The sections of a YAML config file (a bare name looks in pipelines/configs/), unvalidated."""
     p = Path(path)
     if not p.exists() and (CONFIG_DIR / p).exists():
         p = CONFIG_DIR / p
@@ -455,4 +390,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     raw = yaml.safe_load(p.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections")
-    return config_from_dict(raw, overrides)
+    return raw

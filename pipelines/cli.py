@@ -21,8 +21,9 @@ from typing import Any
 
 import yaml
 
-from gems.config import Config, ConfigError, load_config
+from gems.config import ConfigError
 from pipelines.preflight import job_config
+from tune.config import JobConfig, load_config
 
 SMOKE_DIR = Path(__file__).resolve().parent / "configs" / "smoke"
 LOG_FORMAT = "%(asctime)s %(name)s %(message)s"
@@ -95,7 +96,7 @@ def config_name(args: argparse.Namespace, job: Job) -> str:
     return args.config
 
 
-def load_job_config(args: argparse.Namespace, job: Job) -> Config:
+def load_job_config(args: argparse.Namespace, job: Job) -> JobConfig:
     """The run's config; a bad one raises ConfigError (exit 2 with its message: preflight.exit_code)."""
     return load_config(config_name(args, job), job_overrides(args, job))
 

@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlflow  # noqa: E402
 
-from gems.config import Config  # noqa: E402
 from pipelines.cli import Job, job_parser, load_job_config, setup_logging, start_ray  # noqa: E402
 from pipelines.preflight import EXIT_INTERRUPTED, PREFLIGHT_ERRORS, exit_code  # noqa: E402
+from tune.config import JobConfig  # noqa: E402
 from tune.registry.tracking import (  # noqa: E402
     log_dataset_inputs,
     log_run_context,
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       smoke_help="tiny model, tiny data, 2 trials", epilog=True).parse_args(argv)
 
 
-def load(args: argparse.Namespace) -> Config:
+def load(args: argparse.Namespace) -> JobConfig:
     cfg = load_job_config(args, JOB)
     # Pin the state dir before anything runs elsewhere: trials and jobs must agree on one path.
     cfg.state_dir = str(cfg.state_path)

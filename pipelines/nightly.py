@@ -16,7 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gems.config import load_config  # noqa: E402
 from pipelines.cli import (  # noqa: E402
     Job,
     config_name,
@@ -26,6 +25,7 @@ from pipelines.cli import (  # noqa: E402
     start_ray,
 )
 from pipelines.preflight import EXIT_CONFIG, PREFLIGHT_ERRORS, exit_code  # noqa: E402
+from tune.config import load_config  # noqa: E402
 from tune.nightly.plan import NightlyError  # noqa: E402
 from tune.registry.tracking import setup_tracking  # noqa: E402
 

@@ -45,11 +45,12 @@ class ServingSettings:
     top_k: int
 
     @classmethod
-    def from_config(cls, cfg: Config) -> ServingSettings:
+    def from_config(cls, cfg: Config, top_k: int) -> ServingSettings:
+        """``top_k``: the default count returned, a registry setting (the job's ``mlflow.top_k``)."""
         return cls(title_max_words=cfg.data.title_max_words, history_len=cfg.data.history_len,
                    query_max_chars=cfg.data.query_max_chars, max_seq_len=cfg.train.max_seq_len,
                    mask_history_rec=cfg.eval.mask_history_rec, batch_size=cfg.eval.batch_size,
-                   top_k=cfg.mlflow.top_k)
+                   top_k=top_k)
 
 
 @dataclass

@@ -14,8 +14,9 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from gems.config import Config, load_config
+from gems.config import Config
 from gems.model import load_backbone
+from tune.config import load_config
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

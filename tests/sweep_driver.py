@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray  # noqa: E402
 import ray.tune  # noqa: E402
 
-from gems.config import config_from_dict, load_config  # noqa: E402
+from tune.config import config_from_dict, load_config  # noqa: E402
 from tune.registry.tracking import run_tags, setup_tracking  # noqa: E402
 from tune.sweep.parent_run import pipeline_run, run_logged_sweep  # noqa: E402
 from tune.sweep.space import apply_params  # noqa: E402

@@ -8,8 +8,8 @@ import importlib
 
 import pytest
 
-from gems.config import load_config
 from pipelines.cli import SMOKE_DIR, load_job_config, smoke_overrides
+from tune.config import load_config
 
 JOBS = ["preprocess", "train", "full", "nightly", "compare"]
 

@@ -11,8 +11,9 @@ import polars as pl
 import pytest
 from mlflow import MlflowClient
 
-from gems.config import ConfigError, load_config
+from gems.config import ConfigError
 from gems.paths import shared_file
+from tune.config import load_config
 from tune.study.methods import parse_methods, parse_seeds
 from tune.study.results import COLUMNS, RANKING_METRICS, RETENTION
 from tune.study.run import expected_metrics

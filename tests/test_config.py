@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from gems.config import CONFIG_DIR, ConfigError, load_config
+from gems.config import CONFIG_DIR, Config, ConfigError, validate_config
+from tune.config import load_config
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -44,6 +45,10 @@ BAD = [
     ("=3", "section.field=value"),
     ("data.split_mode=time_cut", "data.cut_day"),
     ("gems.betas=[0.9, 1.5]", "gems.betas"),
+    ("tune.num_samples=0", "tune.num_samples"),
+    ("tune.space={gems.tau: {low: 2, high: 1}}", "tune.space.gems.tau"),
+    ("mlflow.top_k=0", "mlflow.top_k"),
+    ("nightly.tolerance=2", "nightly.tolerance"),
 ]
 
 
@@ -52,6 +57,14 @@ def test_bad_values_fail_naming_the_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config("tiny", [override])
     assert field in str(err.value)
+
+
+def test_the_library_config_has_no_job_sections() -> None:
+    """tune, mlflow and nightly belong to the job's config (tune/config.py), not to gems'."""
+    raw = {"model": {"name_or_path": "tiny-llama"}, "tune": {"num_samples": 2}}
+    assert load_config("tiny").tune.num_samples == 2
+    with pytest.raises(ConfigError, match="tune: unknown key"):
+        validate_config(Config, raw)
 
 
 def test_missing_required_model_section(tmp_path: Path) -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from gems.config import load_config
 from gems.data.amazon import BASE_TS, DAY_S, build_query, convert_amazon
 from gems.data.inprocess import preprocess_inprocess
 from gems.data.qilin import UNPARSABLE, convert_qilin
 from gems.data.schema import SPLITS
 from gems.data.shards import read_quarantine, read_split
 from gems.paths import shared_file
+from tune.config import load_config
 
 QILIN = shared_file("qilin_toy", "notes.csv")
 AMAZON = shared_file("amazon_office", "Office.inter.json")

@@ -18,11 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gems.config import Config, load_config
+from gems.config import Config
 from gems.data.events import InputError, count_rows, list_input_files, read_raw
 from gems.data.inprocess import preprocess_inprocess
 from gems.data.plan import NoExamplesError, check_inputs
 from gems.data.validate import ValidationParams, validate_events
+from tune.config import load_config
 
 NOW = 1_800_000_000
 PARAMS = ValidationParams(now_ts=NOW, future_ts_tolerance_s=0, query_max_chars=64, num_buckets=4)

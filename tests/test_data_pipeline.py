@@ -13,13 +13,14 @@ import polars as pl
 import pytest
 import ray
 
-from gems.config import Config, load_config
+from gems.config import Config
 from gems.data.inprocess import preprocess_inprocess
 from gems.data.plan import NoExamplesError
 from gems.data.schema import SHARD_SCHEMA, SPLITS
 from gems.data.shards import read_items, read_manifest, read_quarantine, read_split
 from gems.paths import shared_file
 from pipelines.preprocess import main as preprocess_main
+from tune.config import load_config
 from tune.ingest.preprocess import run_preprocess
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ import polars as pl
 import pytest
 import ray
 
-from gems.config import load_config
 from gems.data.events import InputError, count_rows, list_input_files, read_raw
 from gems.data.validate import ValidationParams, parse_iso_ts, validate_events
+from tune.config import load_config
 from tune.ingest.preprocess import run_preprocess
 
 PARAMS = ValidationParams(now_ts=1_800_000_000, future_ts_tolerance_s=0, query_max_chars=16,

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gems.config import load_config
 from gems.data.inprocess import preprocess_inprocess
 from gems.data.plan import item_entries
 from gems.data.schema import SPLITS, STAGED_SCHEMA, conform
@@ -18,6 +17,7 @@ from gems.data.sequences import SequenceParams, build_bucket
 from gems.data.shards import read_items, read_split
 from gems.items import item_token
 from gems.prompts import format_prompt
+from tune.config import load_config
 
 NOW = 1_800_000_000
 DAY0 = 1_735_689_600  # 2025-01-01

@@ -11,7 +11,7 @@ import torch
 from optim_helpers import mixed_batches, snapshot, step_optimizer, task_batch
 from pydantic import ValidationError
 
-from gems.config import ConfigError, GEMSConfig, config_from_dict
+from gems.config import Config, ConfigError, GEMSConfig, validate_config
 from gems.model import load_backbone
 from gems.nullspace import bases_for_run
 from gems.optim import GEMSAdamW, target_parameter_names
@@ -142,7 +142,7 @@ def test_invalid_hyperparameters_name_the_field() -> None:
         with pytest.raises(ValidationError, match=field):
             GEMSConfig(**{field: value})
         with pytest.raises(ConfigError, match=f"gems.{field}"):
-            config_from_dict({"model": {"name_or_path": "tiny-llama"}, "gems": {field: value}})
+            validate_config(Config, {"model": {"name_or_path": "tiny-llama"}, "gems": {field: value}})
 
 
 def test_k_beyond_the_layer_and_rank_clamping(tiny_model_and_tokenizer, caplog) -> None:

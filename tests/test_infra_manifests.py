@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gems.config import PROJECT_ROOT, load_config
+from gems.config import PROJECT_ROOT
+from tune.config import load_config
 
 INFRA = PROJECT_ROOT / "infra"
 K8S = INFRA / "k8s"

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import gems.model as gems_model
 from gems.backbone_cache import MARKER_NAME, load_or_build
-from gems.config import Config, load_config
+from gems.config import Config
 from gems.items import item_token
 from gems.model import (
     BackboneError,
@@ -25,6 +25,7 @@ from gems.model import (
     load_backbone_with_source,
 )
 from gems.tiny_tokenizer import build_tiny_tokenizer
+from tune.config import load_config
 
 Backbone = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from mlflow import MlflowClient
 
-from gems.config import Config, load_config
+from tune.config import JobConfig, load_config
 from tune.nightly.job import run_nightly
 from tune.nightly.journal import DECISION, KEY_TAG, VERSION
 from tune.registry.models import CHALLENGER, CHAMPION, PREVIOUS, get_version, promote, set_alias
@@ -19,7 +19,7 @@ from tune.registry.tracking import setup_tracking
 NAME = "aliases"
 
 
-def _cfg(tmp_path: Path) -> Config:
+def _cfg(tmp_path: Path) -> JobConfig:
     return load_config("tiny", [f"state_dir={tmp_path}", "data.source=events", "data.path=live/events",
                                 "data.items_path=live/items.parquet", f"mlflow.registered_model={NAME}",
                                 "mlflow.experiment=aliases"])

@@ -9,12 +9,12 @@ import polars as pl
 import pytest
 from filelock import FileLock
 
-from gems.config import Config, load_config
+from tune.config import JobConfig, load_config
 from tune.nightly.job import CRASH_ENV, run_nightly
 from tune.nightly.plan import NightlyError
 
 
-def _cfg(tmp_path: Path, *overrides: str) -> Config:
+def _cfg(tmp_path: Path, *overrides: str) -> JobConfig:
     return load_config("tiny", [f"state_dir={tmp_path}", "data.source=events", "data.path=live/events",
                                 "data.items_path=live/items.parquet", "mlflow.registered_model=guards",
                                 *overrides])

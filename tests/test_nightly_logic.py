@@ -210,7 +210,7 @@ def test_champion_params_from_version_tags_and_run_params() -> None:
 
 
 def test_params_that_are_not_fields_are_skipped() -> None:
-    from gems.config import load_config
+    from tune.config import load_config
     from tune.nightly.warm_start import with_params
 
     cfg = with_params(load_config("tiny"), {"gems.r_shared": 6, "train.lr": 0.5, "gems.removed_field": 1.0,

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from gems.config import load_config
+from tune.config import load_config
 from tune.registry.run_params import config_params, log_new_params
 
 HYPER = {"train.lr", "gems.t_svd", "gems.k", "gems.alpha", "gems.r_search", "gems.r_rec", "gems.tau",

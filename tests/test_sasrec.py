@@ -10,7 +10,6 @@ import polars as pl
 import pytest
 import torch
 
-from gems.config import load_config
 from gems.floors import BM25Floor
 from gems.metrics import full_catalog_ranks
 from gems.sasrec import SASRec, encode_examples, score_examples
@@ -25,6 +24,7 @@ from gems.sasrec_vectors import (
     sasrec_item_vectors,
     save_item_vectors,
 )
+from tune.config import load_config
 
 ITEMS = [f"i{n}" for n in range(30)]
 FAST = SASRecConfig(hidden=32, blocks=2, heads=2, dropout=0.0, lr=1e-2, batch_size=8, max_len=8,

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from gems.config import load_config
 from gems.model import add_item_tokens, load_backbone
 from gems.scoring import left_pad, score_catalog
+from tune.config import load_config
 
 Backbone = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 

@@ -24,7 +24,7 @@ from mlflow.pyfunc import PythonModelContext
 from servers import wait_until_up
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from gems.config import PROJECT_ROOT, Config, load_config
+from gems.config import PROJECT_ROOT
 from gems.evaluate import evaluate_model
 from gems.model import add_item_tokens
 from gems.prompts import format_prompt
@@ -40,6 +40,7 @@ from serving.ranker import (
     rank_requests,
     write_settings,
 )
+from tune.config import JobConfig, load_config
 from tune.registry.models import (
     CHALLENGER,
     CHAMPION,
@@ -72,8 +73,8 @@ def _requests(item_ids: list[str]) -> pd.DataFrame:
 
 
 @pytest.fixture
-def served(tiny_cfg: Config, tiny_model_and_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase],
-           tiny_items: list[tuple[str, str]], tmp_path: Path) -> tuple[Config, Path, Path]:
+def served(tiny_cfg: JobConfig, tiny_model_and_tokenizer: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+           tiny_items: list[tuple[str, str]], tmp_path: Path) -> tuple[JobConfig, Path, Path]:
     """A 'checkpoint' (HF model dir with item tokens) and its items table, like training writes."""
     cfg = load_config("tiny", [f"state_dir={tmp_path / 'state'}", "data.history_len=4",
                                "data.query_max_chars=40", f"eval.batch_size={3}"])
@@ -88,10 +89,10 @@ def served(tiny_cfg: Config, tiny_model_and_tokenizer: tuple[PreTrainedModel, Pr
     return cfg, checkpoint, items
 
 
-def _evaluated_top_k(cfg: Config, checkpoint: Path, items: Path, requests: pd.DataFrame) -> pl.DataFrame:
+def _evaluated_top_k(cfg: JobConfig, checkpoint: Path, items: Path, requests: pd.DataFrame) -> pl.DataFrame:
     """What evaluation ranks for the same examples, from the prompts preprocessing would write."""
     model, tokenizer, catalog, token_ids = load_ranker_parts(checkpoint / "model", items)
-    settings = ServingSettings.from_config(cfg)
+    settings = ServingSettings.from_config(cfg, cfg.mlflow.top_k)
     # shards hold the newest history_len items of a history (what the prompt shows)
     examples = pl.from_pandas(requests).with_columns(
         pl.Series("prompt", build_prompts(requests, catalog, settings)),
@@ -103,11 +104,11 @@ def _evaluated_top_k(cfg: Config, checkpoint: Path, items: Path, requests: pd.Da
     return result.top_k
 
 
-def test_prompts_are_the_preprocessing_prompts(served: tuple[Config, Path, Path]) -> None:
+def test_prompts_are_the_preprocessing_prompts(served: tuple[JobConfig, Path, Path]) -> None:
     cfg, _, items = served
     catalog = Catalog.from_parquet(items)
     requests = _requests(catalog.item_ids)
-    prompts = build_prompts(requests, catalog, ServingSettings.from_config(cfg))
+    prompts = build_prompts(requests, catalog, ServingSettings.from_config(cfg, cfg.mlflow.top_k))
     first = requests.iloc[0]
     last4 = first["history_item_ids"][-4:]  # history_len = 4: the newest four, oldest first
     assert prompts[0] == format_prompt("rec", [(i, catalog.titles[i]) for i in last4], None,
@@ -116,9 +117,9 @@ def test_prompts_are_the_preprocessing_prompts(served: tuple[Config, Path, Path]
     assert prompts[4] == "[rec] History: none. Next item:"
 
 
-def test_bad_requests_are_named(served: tuple[Config, Path, Path]) -> None:
+def test_bad_requests_are_named(served: tuple[JobConfig, Path, Path]) -> None:
     cfg, _, items = served
-    catalog, settings = Catalog.from_parquet(items), ServingSettings.from_config(cfg)
+    catalog, settings = Catalog.from_parquet(items), ServingSettings.from_config(cfg, cfg.mlflow.top_k)
     with pytest.raises(ValueError, match="task must be"):
         build_prompts(pd.DataFrame({"task": ["ads"], "history_item_ids": [[]]}), catalog, settings)
     with pytest.raises(ValueError, match="not in the catalog: \\['nope'\\]"):
@@ -128,11 +129,11 @@ def test_bad_requests_are_named(served: tuple[Config, Path, Path]) -> None:
                       settings)
 
 
-def test_ranking_equals_evaluation(served: tuple[Config, Path, Path]) -> None:
+def test_ranking_equals_evaluation(served: tuple[JobConfig, Path, Path]) -> None:
     cfg, checkpoint, items = served
     model, tokenizer, catalog, token_ids = load_ranker_parts(checkpoint / "model", items)
     requests = _requests(catalog.item_ids)
-    settings = ServingSettings.from_config(cfg)
+    settings = ServingSettings.from_config(cfg, cfg.mlflow.top_k)
     ranked = rank_requests(model, tokenizer, token_ids, requests, catalog, settings, K)
     expected = _evaluated_top_k(cfg, checkpoint, items, requests)
     assert ranked["item_ids"].tolist() == expected["top_item_ids"].to_list()
@@ -167,7 +168,7 @@ print(json.dumps({"item_ids": out["item_ids"].tolist(), "scores": out["scores"].
 """
 
 
-def _logged_ranker(served: tuple[Config, Path, Path], tmp_path: Path) -> tuple[str, ModelInfo]:
+def _logged_ranker(served: tuple[JobConfig, Path, Path], tmp_path: Path) -> tuple[str, ModelInfo]:
     """The ranker logged to a fresh SQLite store under tmp_path: (tracking URI, its ModelInfo)."""
     cfg, checkpoint, items = served
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -180,7 +181,7 @@ def _logged_ranker(served: tuple[Config, Path, Path], tmp_path: Path) -> tuple[s
 
 @pytest.mark.slow
 def test_registered_champion_loads_in_a_fresh_process_and_ranks_like_evaluation(
-        served: tuple[Config, Path, Path], tmp_path: Path) -> None:
+        served: tuple[JobConfig, Path, Path], tmp_path: Path) -> None:
     cfg, checkpoint, items = served
     uri, info = _logged_ranker(served, tmp_path)
     name = "gems-sr-test"
@@ -230,9 +231,9 @@ BAD_ROWS = [  # (task, history, query, top_k) -> what the response must say
 ]
 
 
-def _ranker(checkpoint: Path, items: Path, cfg: Config) -> GemsRanker:
+def _ranker(checkpoint: Path, items: Path, cfg: JobConfig) -> GemsRanker:
     """The pyfunc class as MLflow loads it (load_context with the logged artifacts)."""
-    settings = write_settings(ServingSettings.from_config(cfg), checkpoint / "serving.json")
+    settings = write_settings(ServingSettings.from_config(cfg, cfg.mlflow.top_k), checkpoint / "serving.json")
     ranker = GemsRanker()
     ranker.load_context(PythonModelContext(artifacts={MODEL_ARTIFACT: str(checkpoint / "model"),
                                                       ITEMS_ARTIFACT: str(items),
@@ -242,7 +243,7 @@ def _ranker(checkpoint: Path, items: Path, cfg: Config) -> GemsRanker:
 
 @pytest.mark.parametrize(("row", "message"), BAD_ROWS)
 def test_pyfunc_refuses_a_bad_request_with_a_named_invalid_parameter(
-        served: tuple[Config, Path, Path], row: tuple, message: str) -> None:
+        served: tuple[JobConfig, Path, Path], row: tuple, message: str) -> None:
     cfg, checkpoint, items = served
     task, history, query, top_k = row
     frame = pd.DataFrame({"task": [task], "history_item_ids": [history], "query": [query]})
@@ -252,7 +253,7 @@ def test_pyfunc_refuses_a_bad_request_with_a_named_invalid_parameter(
     assert err.value.get_http_status_code() == 400 and "stack_trace" not in err.value.serialize_as_json()
 
 
-def test_pyfunc_top_k_is_the_count_returned(served: tuple[Config, Path, Path]) -> None:
+def test_pyfunc_top_k_is_the_count_returned(served: tuple[JobConfig, Path, Path]) -> None:
     cfg, checkpoint, items = served
     frame = pd.DataFrame({"task": ["rec"], "history_item_ids": [[]], "query": [None]})
     ranker = _ranker(checkpoint, items, cfg)
@@ -261,7 +262,7 @@ def test_pyfunc_top_k_is_the_count_returned(served: tuple[Config, Path, Path]) -
 
 
 def test_pyfunc_turns_an_internal_failure_into_a_message_without_traceback(
-        served: tuple[Config, Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+        served: tuple[JobConfig, Path, Path], caplog: pytest.LogCaptureFixture) -> None:
     cfg, checkpoint, items = served
     ranker = _ranker(checkpoint, items, cfg)
     ranker.item_token_ids = torch.full_like(ranker.item_token_ids, 10**9)  # a broken model: no such rows
@@ -285,7 +286,7 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 
 @pytest.mark.slow
 def test_served_model_answers_bad_requests_with_400_and_no_traceback(
-        served: tuple[Config, Path, Path], tmp_path: Path) -> None:
+        served: tuple[JobConfig, Path, Path], tmp_path: Path) -> None:
     """`mlflow models serve` on the logged ranker: bad rows get 400 with the pyfunc's sentence only."""
     cfg = served[0]
     uri, info = _logged_ranker(served, tmp_path)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from gems.backbone_cache import MARKER_NAME
-from gems.config import load_config
 from gems.model import SMOLLM2_INSTALL, load_backbone_with_source, smollm2_gguf_path
+from tune.config import load_config
 
 pytestmark = pytest.mark.slow
 

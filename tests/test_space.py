@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gems.config import CONFIG_DIR, ConfigError, SearchRange, load_config
+from gems.config import CONFIG_DIR, ConfigError
+from tune.config import SearchRange, load_config
 from tune.sweep.space import apply_params, to_optuna, validate_points, validate_space
 
 

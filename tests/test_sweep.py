@@ -19,7 +19,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from gems.config import load_config
+from tune.config import load_config
 from tune.registry.run_params import config_params
 from tune.sweep.parent_run import SWEEP_TAG
 from tune.sweep.trial_runs import TRIAL_ID_TAG

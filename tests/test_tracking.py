@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 from mlflow import MlflowClient
 
-from gems.config import Config, load_config
+from tune.config import JobConfig, load_config
 from tune.registry.tracking import (
     TrackingError,
     check_tracking_uri,
@@ -37,13 +37,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> JobConfig:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return load_config("tiny", [f"state_dir={tmp_path / 'state'}"])
 
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, str]:
+def tracked(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobConfig, str]:
     """One embedded store for the tests that write runs (creating an MLflow DB takes seconds)."""
     root = tmp_path_factory.mktemp("tracked")
     with pytest.MonkeyPatch.context() as mp:
@@ -80,13 +80,13 @@ def silent_server() -> Iterator[str]:
     server.close()
 
 
-def test_default_is_sqlite_at_an_absolute_path_under_state(cfg: Config) -> None:
+def test_default_is_sqlite_at_an_absolute_path_under_state(cfg: JobConfig) -> None:
     uri = resolve_tracking_uri(cfg)
     assert uri == f"sqlite:///{cfg.state_path / 'mlflow.db'}"
     assert Path(uri.removeprefix("sqlite:///")).is_absolute()
 
 
-def test_env_var_then_config_take_precedence(cfg: Config, monkeypatch: pytest.MonkeyPatch,
+def test_env_var_then_config_take_precedence(cfg: JobConfig, monkeypatch: pytest.MonkeyPatch,
                                              tmp_path: Path) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
     assert resolve_tracking_uri(cfg).endswith("env.db")
@@ -95,7 +95,7 @@ def test_env_var_then_config_take_precedence(cfg: Config, monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", "mlruns"])
-def test_relative_local_stores_are_refused(cfg: Config, monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+def test_relative_local_stores_are_refused(cfg: JobConfig, monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(TrackingError, match="relative"):
         resolve_tracking_uri(cfg)
@@ -117,7 +117,7 @@ def test_silent_server_times_out_quickly(silent_server: str) -> None:
     assert time.monotonic() - started < 4
 
 
-def test_unreachable_server_fails_setup_before_anything_is_written(cfg: Config) -> None:
+def test_unreachable_server_fails_setup_before_anything_is_written(cfg: JobConfig) -> None:
     cfg.mlflow.tracking_uri = f"http://127.0.0.1:{_free_port()}"
     with pytest.raises(TrackingError):
         setup_tracking(cfg)
@@ -143,7 +143,7 @@ def test_a_later_config_is_not_pinned_to_an_earlier_store(tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_experiment_artifacts_stay_under_the_state_dir(tracked: tuple[Config, str]) -> None:
+def test_experiment_artifacts_stay_under_the_state_dir(tracked: tuple[JobConfig, str]) -> None:
     cfg, experiment_id = tracked
     location = MlflowClient().get_experiment(experiment_id).artifact_location
     assert location == (cfg.state_path / "mlartifacts").as_uri()
@@ -173,7 +173,8 @@ def test_quarantine_summary_counts_reasons_with_examples(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_pipeline_run_records_context_tags_and_datasets(tracked: tuple[Config, str], tmp_path: Path) -> None:
+def test_pipeline_run_records_context_tags_and_datasets(tracked: tuple[JobConfig, str],
+                                                        tmp_path: Path) -> None:
     cfg, experiment_id = tracked
     shard_dir, manifest = _shards(tmp_path / "shards")
     tags = run_tags(cfg, manifest)
@@ -203,7 +204,7 @@ def test_pipeline_run_records_context_tags_and_datasets(tracked: tuple[Config, s
 
 
 @pytest.mark.slow
-def test_interrupted_pipeline_run_is_reopened(tracked: tuple[Config, str]) -> None:
+def test_interrupted_pipeline_run_is_reopened(tracked: tuple[JobConfig, str]) -> None:
     _, experiment_id = tracked
     with pytest.raises(KeyboardInterrupt), pipeline_run(experiment_id, "sweep-y", "demo", {},
                                                         system_metrics=False) as first:

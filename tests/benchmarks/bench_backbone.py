@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from gems.config import load_config
 from gems.model import add_item_tokens, item_token, item_token_ids, load_backbone_with_source
 from gems.scoring import score_catalog
+from tune.config import load_config
 
 WORDS = ["laser", "printer", "toner", "stapler", "paper", "notebook", "shoes", "boots", "coffee",
          "tea", "lamp", "chair", "jacket", "backpack", "speaker", "headphones", "bottle", "mat"]

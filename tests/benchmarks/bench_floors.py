@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from gems.config import load_config
 from gems.data.inprocess import preprocess_inprocess
 from gems.data.shards import read_items, read_split
 from gems.evaluate import subsample_per_task
 from gems.floors import evaluate_floors
+from tune.config import load_config
 
 
 def main() -> None:

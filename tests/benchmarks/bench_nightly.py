@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import ray  # noqa: E402
 
-from gems.config import PROJECT_ROOT, load_config  # noqa: E402
+from gems.config import PROJECT_ROOT  # noqa: E402
+from tune.config import load_config  # noqa: E402
 from tune.nightly.job import run_nightly  # noqa: E402
 from tune.nightly.smoke import bootstrap_champion, land_day, simulate_source  # noqa: E402
 from tune.registry.models import get_champion  # noqa: E402

@@ -79,7 +79,7 @@ class TreeMemory:
 
 
 def worker(engine: str, workdir: Path, millions: int, repeats: int) -> dict:
-    from gems.config import load_config
+    from tune.config import load_config
 
     buckets = BUCKETS_PER_MILLION * millions if engine == "ray" else 1
     cfg = load_config("tiny", _overrides(workdir, millions, buckets, f"out/{engine}-{millions}m"))

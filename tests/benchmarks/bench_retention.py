@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from gems.config import load_config
 from gems.model import load_backbone
 from gems.retention import measure_retention
+from tune.config import load_config
 
 
 def main() -> None:

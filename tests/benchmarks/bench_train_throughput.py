@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import ray  # noqa: E402
 
-from gems.config import load_config  # noqa: E402
 from pipelines.train import shards_ready  # noqa: E402
+from tune.config import load_config  # noqa: E402
 from tune.train.bases import prepare_bases  # noqa: E402
 from tune.train.trainer import run_training  # noqa: E402
 

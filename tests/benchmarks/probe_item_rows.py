@@ -21,10 +21,10 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-from gems.config import load_config
 from gems.item_init import aligned_vectors
 from gems.model import add_item_tokens, load_backbone
 from gems.sasrec_vectors import load_item_vectors, project_to_width
+from tune.config import load_config
 
 
 def nearest_row_ndcg(table: torch.Tensor, histories: list[list[int]], targets: list[int],

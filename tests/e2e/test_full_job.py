@@ -27,9 +27,9 @@ import pytest
 from head_processes import stop_head
 from mlflow import MlflowClient
 
-from gems.config import load_config
 from gems.data.shards import read_split
 from gems.evaluate import subsample_per_task
+from tune.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent

@@ -24,8 +24,8 @@ from mlflow import MlflowClient
 from mlflow.server import get_app_client
 from servers import wait_until_up
 
-from gems.config import load_config
 from pipelines.nightly import main as nightly_main
+from tune.config import load_config
 from tune.registry.run_params import config_params, log_new_params
 from tune.registry.tracking import setup_tracking
 

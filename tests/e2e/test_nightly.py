@@ -33,9 +33,10 @@ import yaml
 from mlflow import MlflowClient
 from ray.job_submission import JobSubmissionClient
 
-from gems.config import PROJECT_ROOT, Config, load_config
+from gems.config import PROJECT_ROOT
 from gems.items import item_token
 from gems.model import load_backbone
+from tune.config import JobConfig, load_config
 from tune.nightly.job import CHECKPOINT, CRASH_ENV, InjectedCrash, find_night_run, run_nightly
 from tune.nightly.plan import parse_watermark
 from tune.nightly.smoke import land_day, simulate_source
@@ -143,7 +144,7 @@ def head() -> Iterator[Head]:
 
 @dataclass
 class World:
-    cfg: Config
+    cfg: JobConfig
     config_path: Path
     source: Path
     live: Path

@@ -16,9 +16,10 @@ import polars as pl
 import pytest
 import ray
 
-from gems.config import Config, load_config
+from gems.config import Config
 from gems.data.shards import write_manifest
 from gems.prompts import format_prompt
+from tune.config import load_config
 from tune.train.trainer import TrainOutcome, run_training
 
 pytestmark = pytest.mark.slow

@@ -27,6 +27,7 @@ from gems.items import item_token
 from gems.metrics import flatten_metrics
 from gems.model import item_token_ids, load_backbone
 from gems.retention import measure_retention
+from tune.config import JobConfig
 from tune.nightly.decision import ModelScores
 from tune.nightly.journal import UNIFIED
 from tune.nightly.warm_start import WarmStart
@@ -126,7 +127,7 @@ def new_item_stats(top_k: pl.DataFrame | None, examples: pl.DataFrame,
 def evaluate_night(champion_dir: str, challenger_dir: str, shard_dir: str, champion_items: str,
                    cfg_json: dict[str, Any]) -> dict[str, float]:
     """Both models on the holdout (+ retention); a plain dict so it can run as a Ray GPU task."""
-    cfg = Config.model_validate(cfg_json)
+    cfg = JobConfig.model_validate(cfg_json)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = cfg.resolve(cfg.model.cache_dir)
     items = read_items(shard_dir).sort("item_id")
@@ -150,7 +151,7 @@ def evaluate_night(champion_dir: str, challenger_dir: str, shard_dir: str, champ
     return metrics
 
 
-def run_evaluation(cfg: Config, warm: WarmStart, checkpoint: Path, shard_dir: Path) -> dict[str, float]:
+def run_evaluation(cfg: JobConfig, warm: WarmStart, checkpoint: Path, shard_dir: Path) -> dict[str, float]:
     """evaluate_night here on CPU clusters; on a GPU worker when training uses GPUs."""
     args = (str(warm.model_dir), str(servable_model_dir(checkpoint)), str(shard_dir), str(warm.items_path),
             cfg.model_dump(mode="json"))

@@ -37,8 +37,8 @@ from filelock import FileLock, Timeout
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from gems.config import Config, config_from_dict
 from gems.data.shards import read_manifest
+from tune.config import JobConfig, config_from_dict
 from tune.ingest.preprocess import run_preprocess
 from tune.nightly.decision import decide
 from tune.nightly.holdout import run_evaluation, scores_of
@@ -105,7 +105,7 @@ def _check_crash_env() -> None:
 # ------------------------------------------------------------------------------ inputs
 
 
-def log_locations(cfg: Config) -> tuple[Path, Path]:
+def log_locations(cfg: JobConfig) -> tuple[Path, Path]:
     """(events directory with dt= partitions, item table) of the configured logs."""
     d = cfg.data
     if d.source == "synthetic":
@@ -119,7 +119,7 @@ def log_locations(cfg: Config) -> tuple[Path, Path]:
                        "events or synthetic); convert the logs to dt=YYYY-MM-DD/ partitions first")
 
 
-def check_night_inputs(cfg: Config, simulated: bool = False) -> list[str]:
+def check_night_inputs(cfg: JobConfig, simulated: bool = False) -> list[str]:
     """The cheap checks, run before Ray starts: the crash point, where the logs are, and that they
     hold at least one day partition (a smoke test simulates its days later, so only the layout is
     checked). Returns the partitions found."""
@@ -133,12 +133,12 @@ def check_night_inputs(cfg: Config, simulated: bool = False) -> list[str]:
     return partitions
 
 
-def night_dir(cfg: Config, key: str) -> Path:
+def night_dir(cfg: JobConfig, key: str) -> Path:
     return cfg.resolve("nightly") / key
 
 
-def night_data_config(cfg: Config, plan: NightPlan, view_dir: Path, items_path: Path,
-                      shard_dir: Path) -> Config:
+def night_data_config(cfg: JobConfig, plan: NightPlan, view_dir: Path, items_path: Path,
+                      shard_dir: Path) -> JobConfig:
     """Preprocessing of the night's view with a time cut at the holdout day."""
     raw = cfg.model_dump(mode="json")
     raw["data"].update(source="events", path=str(view_dir), items_path=str(items_path),
@@ -146,7 +146,7 @@ def night_data_config(cfg: Config, plan: NightPlan, view_dir: Path, items_path: 
     return config_from_dict(raw)
 
 
-def challenger_config(cfg: Config, warm: WarmStart, params: Mapping[str, float | int]) -> Config:
+def challenger_config(cfg: JobConfig, warm: WarmStart, params: Mapping[str, float | int]) -> JobConfig:
     """The champion's hyperparameters (then nightly.override_params) on the champion's weights."""
     tuned = with_params(cfg, {**params, **cfg.nightly.override_params})
     raw = tuned.model_dump(mode="json")
@@ -167,7 +167,8 @@ def _shards_match(shard_dir: Path, plan: NightPlan) -> bool:
             and manifest.get("config", {}).get("data", {}).get("cut_day") == plan.holdout_day)
 
 
-def preprocess_night(cfg: Config, plan: NightPlan, events_root: Path, items_path: Path) -> tuple[Path, dict]:
+def preprocess_night(cfg: JobConfig, plan: NightPlan, events_root: Path,
+                     items_path: Path) -> tuple[Path, dict]:
     """The night's prompt shards (reused when a previous attempt already published them)."""
     work = night_dir(cfg, plan.key)
     shard_dir = work / "shards"
@@ -190,8 +191,9 @@ def preprocess_night(cfg: Config, plan: NightPlan, events_root: Path, items_path
 # ------------------------------------------------------------------------------ training
 
 
-def train_challenger(cfg: Config, tcfg: Config, shard_dir: Path, manifest: Mapping[str, Any], plan: NightPlan,
-                     run_id: str, experiment_id: str) -> tuple[Path, dict[str, float | int], list[dict]]:
+def train_challenger(cfg: JobConfig, tcfg: JobConfig, shard_dir: Path, manifest: Mapping[str, Any],
+                     plan: NightPlan, run_id: str,
+                     experiment_id: str) -> tuple[Path, dict[str, float | int], list[dict]]:
     """Fine-tune the challenger (fixed params, or a small sweep); returns checkpoint, params, history.
 
     The null-space bases are the base backbone's (cfg.model), as for the champion: every night's
@@ -244,7 +246,7 @@ def _decided(run: Run, key: str, name: str) -> NightlyOutcome:
 # ----------------------------------------------------------------------------------- main
 
 
-def run_nightly(cfg: Config) -> NightlyOutcome:
+def run_nightly(cfg: JobConfig) -> NightlyOutcome:
     """Run (or finish) tonight's retraining; Ray is initialised by the caller.
 
     A lock file per night (under the state dir) turns a concurrent second run into a no-op.
@@ -267,7 +269,7 @@ def run_nightly(cfg: Config) -> NightlyOutcome:
         lock.release()
 
 
-def _run_night(cfg: Config, experiment_id: str, partitions: list[str], events_root: Path, items_path: Path,
+def _run_night(cfg: JobConfig, experiment_id: str, partitions: list[str], events_root: Path, items_path: Path,
                started: float) -> NightlyOutcome:
     name = cfg.mlflow.registered_model
     previous = find_night_run(experiment_id, partitions[-1])

@@ -15,7 +15,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from gems.config import Config
+from tune.config import JobConfig
 from tune.nightly.decision import Decision
 from tune.nightly.plan import NightPlan
 from tune.nightly.warm_start import PARAM_TAG_PREFIX, params_from_run
@@ -37,8 +37,9 @@ def find_night_run(experiment_id: str, key: str) -> Run | None:
     return runs[0] if runs else None
 
 
-def version_tags(cfg: Config, manifest: Mapping[str, Any], plan: NightPlan, run_id: str, parent: VersionInfo,
-                 params: Mapping[str, float | int], metrics: Mapping[str, float]) -> dict[str, str]:
+def version_tags(cfg: JobConfig, manifest: Mapping[str, Any], plan: NightPlan, run_id: str,
+                 parent: VersionInfo, params: Mapping[str, float | int],
+                 metrics: Mapping[str, float]) -> dict[str, str]:
     """Provenance, watermark (the holdout day), training params and holdout metrics of tonight's model."""
     challenger = {k[len("challenger/"):]: v for k, v in metrics.items() if k.startswith("challenger/test/")}
     tags = {**run_tags(cfg, manifest), KEY_TAG: plan.key, RUN_ID: run_id,
@@ -50,7 +51,7 @@ def version_tags(cfg: Config, manifest: Mapping[str, Any], plan: NightPlan, run_
     return tags
 
 
-def register_once(cfg: Config, run: Run, checkpoint: Path, shard_dir: Path, tcfg: Config,
+def register_once(cfg: JobConfig, run: Run, checkpoint: Path, shard_dir: Path, tcfg: JobConfig,
                   tags: Mapping[str, str], description: str) -> VersionInfo:
     """Tonight's version, registered once (found again by run id after a crash)."""
     name = cfg.mlflow.registered_model

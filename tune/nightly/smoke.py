@@ -18,6 +18,7 @@ import polars as pl
 
 from gems.config import Config
 from gems.data.simulate import SimulationParams, day_name, simulate
+from tune.config import JobConfig
 from tune.ingest.preprocess import run_preprocess
 from tune.nightly.warm_start import PARAM_TAG_PREFIX
 from tune.registry.models import CHAMPION, VersionInfo, log_ranker, metric_tags, register_version
@@ -55,7 +56,7 @@ def land_day(source: Path, live: Path, params: SimulationParams, day: int) -> st
     return name
 
 
-def bootstrap_champion(cfg: Config) -> VersionInfo:
+def bootstrap_champion(cfg: JobConfig) -> VersionInfo:
     """Train on the logs as they are and register the result as ``champion`` (no sweep)."""
     from tune.train.bases import prepare_bases
     from tune.train.trainer import run_training

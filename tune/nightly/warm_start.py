@@ -21,8 +21,9 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.models import Model
 
-from gems.config import Config, ConfigError
+from gems.config import ConfigError
 from serving.ranker import ITEMS_ARTIFACT, MODEL_ARTIFACT
+from tune.config import JobConfig
 from tune.nightly.plan import NightlyError
 from tune.registry.models import VersionInfo
 from tune.registry.tracking import TAG_PREFIX
@@ -88,7 +89,7 @@ def champion_params(version: VersionInfo) -> dict[str, float | int]:
     return params_from_run(run.data.params)
 
 
-def with_params(cfg: Config, params: Mapping[str, float | int]) -> Config:
+def with_params(cfg: JobConfig, params: Mapping[str, float | int]) -> JobConfig:
     """``cfg`` with the hyperparameters applied; parameters that are not config fields are skipped
     (with a warning) so a champion from an older code version still warm-starts."""
     usable = {}

@@ -28,7 +28,7 @@ from mlflow.models.model import ModelInfo
 from mlflow.types import DataType
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-from gems.config import PROJECT_ROOT, Config
+from gems.config import PROJECT_ROOT
 from serving.ranker import (
     ITEMS_ARTIFACT,
     MODEL_ARTIFACT,
@@ -36,6 +36,7 @@ from serving.ranker import (
     ServingSettings,
     write_settings,
 )
+from tune.config import JobConfig
 from tune.registry.tracking import TAG_PREFIX
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
@@ -122,12 +123,12 @@ def servable_model_dir(checkpoint_dir: Path) -> Path:
     return model_dir
 
 
-def log_ranker(checkpoint_dir: Path, items_path: Path, cfg: Config, name: str = "model") -> ModelInfo:
+def log_ranker(checkpoint_dir: Path, items_path: Path, cfg: JobConfig, name: str = "model") -> ModelInfo:
     """Log the checkpoint as the ranking pyfunc under the active run; returns its ModelInfo."""
     model_dir = servable_model_dir(checkpoint_dir)
     items = pd.read_parquet(items_path, columns=["item_id"])
     # The default top_k fits the catalog: a request that names none must never be refused.
-    serving = ServingSettings.from_config(cfg)
+    serving = ServingSettings.from_config(cfg, cfg.mlflow.top_k)
     serving = replace(serving, top_k=min(serving.top_k, len(items)))
     with tempfile.TemporaryDirectory() as tmp:
         settings = write_settings(serving, Path(tmp) / "serving.json")

@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from gems.config import PROJECT_ROOT, Config
+from tune.config import JobConfig
 
 REMOTE_SCHEMES = ("http://", "https://")
 TAG_PREFIX = "gems."
@@ -42,7 +43,7 @@ def _user_env_uri() -> str | None:
     return None if env in _uris_we_exported else env
 
 
-def resolve_tracking_uri(cfg: Config) -> str:
+def resolve_tracking_uri(cfg: JobConfig) -> str:
     """cfg.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<abs state_dir>/mlflow.db."""
     uri = cfg.mlflow.tracking_uri or _user_env_uri() or ""
     if not uri.strip():
@@ -75,7 +76,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
 
-def setup_tracking(cfg: Config) -> str:
+def setup_tracking(cfg: JobConfig) -> str:
     """Resolve and check the URI, point MLflow at it and return the experiment id.
 
     With a local store the experiment's artifact root is pinned under the state dir too (MLflow's
@@ -98,7 +99,7 @@ def setup_tracking(cfg: Config) -> str:
     return experiment_id
 
 
-def _experiment_id(cfg: Config, uri: str) -> str:
+def _experiment_id(cfg: JobConfig, uri: str) -> str:
     """The configured experiment, created on first use (a local store's artifacts under state)."""
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gems.config import Config, ConfigError, apply_overrides, config_from_dict
+from gems.config import ConfigError, apply_overrides
 from gems.sasrec_floor import SASREC_METHODS
+from tune.config import JobConfig, config_from_dict
 
 LLM_METHODS: tuple[str, ...] = ("gems", "adamw", "lora", "galore")
 FLOORS: tuple[str, ...] = ("popularity", "bm25")
@@ -57,7 +58,7 @@ class MethodSpec:
     def is_llm(self) -> bool:
         return self.kind == "llm"
 
-    def config(self, base: Config, seed: int) -> Config:
+    def config(self, base: JobConfig, seed: int) -> JobConfig:
         """``base`` with this method, its overrides and the run's training seed applied."""
         raw = base.model_dump(mode="json")
         return config_from_dict(apply_overrides(raw, [f"gems.method={self.method}", *self.overrides,

@@ -32,7 +32,6 @@ import ray
 import torch
 
 from gems.checkpoint import load_model_weights
-from gems.config import Config
 from gems.data.shards import read_items, read_manifest, read_split
 from gems.evaluate import evaluate_with_config, subsample_per_task
 from gems.floors import evaluate_floors
@@ -42,6 +41,7 @@ from gems.nullspace import bases_for_run, save_bases
 from gems.retention import retention_with_config
 from gems.sasrec_config import SASRecConfig
 from gems.sasrec_floor import evaluate_sasrec
+from tune.config import JobConfig
 from tune.registry.run_params import config_params
 from tune.registry.tracking import log_run_context, parent_run, run_tags, setup_tracking
 from tune.study import results as res
@@ -64,14 +64,14 @@ class ComparisonOutcome:
 # ------------------------------------------------------------------------------------- setup
 
 
-def ensure_ray(cfg: Config) -> None:
+def ensure_ray(cfg: JobConfig) -> None:
     """A local Ray big enough for one training run (workers x CPUs) if none is running."""
     if not ray.is_initialized():
         cpus = max(2, math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker))
         ray.init(num_cpus=cpus, include_dashboard=False)
 
 
-def prepare_shards(cfg: Config) -> tuple[Path, dict[str, Any]]:
+def prepare_shards(cfg: JobConfig) -> tuple[Path, dict[str, Any]]:
     """Prompt shards for cfg.data: reused when their manifest was built from the same data config."""
     from tune.ingest.preprocess import run_preprocess
 
@@ -88,7 +88,7 @@ def prepare_shards(cfg: Config) -> tuple[Path, dict[str, Any]]:
     return shard_dir, run_preprocess(cfg)
 
 
-def study_key(cfg: Config) -> str:
+def study_key(cfg: JobConfig) -> str:
     """What results in one output directory must share (data, model, budget, evaluation)."""
     exclude = {"mlflow", "tune", "nightly", "name"}
     if cfg.sasrec == SASRecConfig():  # keys of studies written before the section existed stay valid
@@ -101,7 +101,7 @@ def study_key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_resumable(out_dir: Path, cfg: Config, resume: bool) -> None:
+def check_resumable(out_dir: Path, cfg: JobConfig, resume: bool) -> None:
     """Refuse to mix results of different configs in one directory (a resumed study would
     otherwise keep e.g. floors measured on other test rows); record the key of this study."""
     path = out_dir / "study_key.txt"
@@ -118,7 +118,7 @@ def catalog(shard_dir: Path) -> tuple[pl.DataFrame, list[str]]:
     return items, [str(i) for i in items["item_id"].to_list()]
 
 
-def bases_file(cfg: Config, base_model: torch.nn.Module, tokenizer: Any) -> Path | None:
+def bases_file(cfg: JobConfig, base_model: torch.nn.Module, tokenizer: Any) -> Path | None:
     """Null-space bases for a GEMS run (None when the run does not protect anything)."""
     if cfg.gems.method != "gems" or (cfg.gems.k == 0 and cfg.gems.energy is None):
         return None
@@ -133,7 +133,7 @@ def bases_file(cfg: Config, base_model: torch.nn.Module, tokenizer: Any) -> Path
     return path
 
 
-def load_tuned(cfg: Config, checkpoint: Path, items: pl.DataFrame) -> tuple[torch.nn.Module, Any]:
+def load_tuned(cfg: JobConfig, checkpoint: Path, items: pl.DataFrame) -> tuple[torch.nn.Module, Any]:
     """The fine-tuned model from a training checkpoint, built exactly as the worker built it."""
     model, tokenizer = load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
     add_item_tokens(model, tokenizer, list(zip(items["item_id"].to_list(), items["title"].to_list(),
@@ -151,7 +151,7 @@ def load_tuned(cfg: Config, checkpoint: Path, items: pl.DataFrame) -> tuple[torc
 # ------------------------------------------------------------------------------------ running
 
 
-def _floor_rows(cfg: Config, shard_dir: Path, test: pl.DataFrame, items: pl.DataFrame,
+def _floor_rows(cfg: JobConfig, shard_dir: Path, test: pl.DataFrame, items: pl.DataFrame,
                 item_ids: list[str], specs: Sequence[MethodSpec]) -> tuple[list[res.Row], list[res.Timing]]:
     wanted = {s.method for s in specs if s.kind == "floor"}
     started = time.perf_counter()
@@ -167,7 +167,7 @@ def _floor_rows(cfg: Config, shard_dir: Path, test: pl.DataFrame, items: pl.Data
     return rows, timings
 
 
-def _sasrec_rows(cfg: Config, shard_dir: Path, test: pl.DataFrame, items: pl.DataFrame,
+def _sasrec_rows(cfg: JobConfig, shard_dir: Path, test: pl.DataFrame, items: pl.DataFrame,
                  item_ids: list[str], specs: Sequence[MethodSpec], seed: int
                  ) -> tuple[list[res.Row], list[res.Timing], str]:
     """Fit SASRec on train (epoch picked on all val rows) with ``seed``, rank ``test``; one fit
@@ -201,7 +201,7 @@ def _numeric(d: dict[str, Any]) -> dict[str, float]:
             and math.isfinite(float(v)) and k != "step"}
 
 
-def _run_llm(cfg: Config, spec: MethodSpec, seed: int, shard_dir: Path, test: pl.DataFrame,
+def _run_llm(cfg: JobConfig, spec: MethodSpec, seed: int, shard_dir: Path, test: pl.DataFrame,
              items: pl.DataFrame, item_ids: list[str], base_model: torch.nn.Module, base_tokenizer: Any,
              keep_checkpoints: bool) -> tuple[list[res.Row], res.Timing, list[dict]]:
     """Train one method/seed on Ray Train, evaluate it on test, measure retention; log to MLflow."""
@@ -246,7 +246,7 @@ def _run_llm(cfg: Config, spec: MethodSpec, seed: int, shard_dir: Path, test: pl
     return rows, timing, outcome.history
 
 
-def _study_header(cfg: Config, command: str, manifest: dict[str, Any], test: pl.DataFrame,
+def _study_header(cfg: JobConfig, command: str, manifest: dict[str, Any], test: pl.DataFrame,
                   seeds: Sequence[int]) -> str:
     tc = cfg.train
     counts = test.group_by("task").len().sort("task").iter_rows()
@@ -259,7 +259,7 @@ def _study_header(cfg: Config, command: str, manifest: dict[str, Any], test: pl.
             f"Rec rankings mask history items: {cfg.eval.mask_history_rec}.\n")
 
 
-def run_comparison(cfg: Config, specs: Sequence[MethodSpec], out_dir: Path, seeds: Sequence[int],
+def run_comparison(cfg: JobConfig, specs: Sequence[MethodSpec], out_dir: Path, seeds: Sequence[int],
                    command: str = "", resume: bool = True, keep_checkpoints: bool = False,
                    on_progress: Callable[[str], None] | None = None) -> ComparisonOutcome:
     """Run every spec x seed (floors once), writing results after each run; see module docstring."""

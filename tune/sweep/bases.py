@@ -12,12 +12,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from gems.config import Config
 from gems.nullspace import load_bases
+from tune.config import JobConfig
 from tune.train.bases import prepare_bases
 
 
-def largest_k(cfg: Config) -> int:
+def largest_k(cfg: JobConfig) -> int:
     """gems.k, or the top of its search range / points to evaluate when the sweep tunes it."""
     ks = [cfg.gems.k]
     if "gems.k" in cfg.tune.space:
@@ -26,14 +26,14 @@ def largest_k(cfg: Config) -> int:
     return max(ks)
 
 
-def sweep_bases(cfg: Config) -> Path | None:
+def sweep_bases(cfg: JobConfig) -> Path | None:
     """Estimate (or reuse from the cache) the bases every trial slices; None when nothing is protected."""
     if cfg.gems.method != "gems" or cfg.gems.energy is not None or largest_k(cfg) == 0:
         return None
     return prepare_bases(cfg.model_copy(update={"gems": cfg.gems.model_copy(update={"k": largest_k(cfg)})}))
 
 
-def bases_for_trial(cfg: Config, sweep_bases_path: Path | None) -> Path | None:
+def bases_for_trial(cfg: JobConfig, sweep_bases_path: Path | None) -> Path | None:
     """The trial's own k columns of the sweep's bases (a file next to them), or None for k=0/other methods."""
     if sweep_bases_path is None or cfg.gems.method != "gems" or cfg.gems.k == 0:
         return None

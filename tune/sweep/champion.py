@@ -18,13 +18,13 @@ from typing import Any
 import mlflow
 import polars as pl
 
-from gems.config import Config
 from gems.data.shards import read_split
 from gems.evaluate import evaluate_with_config
 from gems.metrics import flatten_metrics
 from gems.model import load_backbone
 from gems.retention import retention_with_config
 from serving.ranker import load_ranker_parts
+from tune.config import JobConfig
 from tune.registry.models import (
     VersionInfo,
     log_ranker,
@@ -53,7 +53,7 @@ class TestReport:
         return self.metrics["test/unified"]
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: Path, shard_dir: Path) -> TestReport:
+def evaluate_checkpoint(cfg: JobConfig, checkpoint: Path, shard_dir: Path) -> TestReport:
     """Test-split metrics (both protocols, per task) and retention vs the base backbone."""
     model, tokenizer, catalog, token_ids = load_ranker_parts(servable_model_dir(checkpoint),
                                                              shard_dir / "items.parquet")
@@ -82,7 +82,7 @@ def log_test_report(report: TestReport) -> None:
             mlflow.log_artifact(str(path), str(Path(TOP_K_ARTIFACT).parent))
 
 
-def version_tags(cfg: Config, best: BestTrial, report: TestReport, manifest: Mapping[str, Any] | None,
+def version_tags(cfg: JobConfig, best: BestTrial, report: TestReport, manifest: Mapping[str, Any] | None,
                  sweep: str, run_id: str) -> dict[str, str]:
     """What a registered version carries: provenance, data watermark, test metrics, chosen params."""
     tags = {**run_tags(cfg, manifest), f"{TAG_PREFIX}sweep": sweep, f"{TAG_PREFIX}trial_id": best.trial_id,
@@ -114,7 +114,7 @@ def describe(best: BestTrial, report: TestReport, sweep: str, run_id: str,
     return "\n".join(lines)
 
 
-def register_champion(cfg: Config, best: BestTrial, report: TestReport, shard_dir: Path,
+def register_champion(cfg: JobConfig, best: BestTrial, report: TestReport, shard_dir: Path,
                       manifest: Mapping[str, Any] | None, sweep: str, run_id: str) -> VersionInfo:
     """Log the checkpoint as the ranking pyfunc (active run), register it, make it the champion."""
     info = log_ranker(Path(best.checkpoint_path), shard_dir / "items.parquet", cfg)

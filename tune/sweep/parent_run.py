@@ -18,7 +18,7 @@ import mlflow
 import optuna
 from mlflow import MlflowClient
 
-from gems.config import Config
+from tune.config import JobConfig
 from tune.registry.run_params import config_params, log_new_params
 from tune.registry.tracking import TAG_PREFIX
 from tune.sweep import plots
@@ -74,7 +74,7 @@ def pipeline_run(experiment_id: str, sweep: str, run_name: str, tags: Mapping[st
         yield PipelineRun(run.info.run_id, "resumed" if resume_id else "new")
 
 
-def run_logged_sweep(cfg: Config, inputs: SweepInputs, name: str, parent_run_id: str, tracking_uri: str,
+def run_logged_sweep(cfg: JobConfig, inputs: SweepInputs, name: str, parent_run_id: str, tracking_uri: str,
                      experiment_id: str, tags: Mapping[str, str], trainable: Trainable = train_trial,
                      system_metrics: bool = True) -> SweepOutcome:
     """run_sweep with one MLflow child run per trial, then the sweep's figures on the parent.

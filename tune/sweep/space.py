@@ -15,7 +15,8 @@ from typing import Any, Literal
 import optuna
 from pydantic import BaseModel
 
-from gems.config import Config, ConfigError, SearchRange, config_from_dict
+from gems.config import Config, ConfigError
+from tune.config import JobConfig, SearchRange, config_from_dict
 
 TUNABLE_SECTIONS = ("gems", "train", "model")
 ParamValue = int | float | str
@@ -109,7 +110,7 @@ def validate_points(space: Mapping[str, SearchRange], points: Sequence[Mapping[s
                                   f"[{rng.low}, {rng.high}]")
 
 
-def apply_params(cfg: Config, params: Mapping[str, ParamValue]) -> Config:
+def apply_params(cfg: JobConfig, params: Mapping[str, ParamValue]) -> JobConfig:
     """``cfg`` with the sampled values set; ConfigError (naming the field) for an invalid point.
 
     Values are set in the dumped dict, not parsed from ``--set`` strings, so 1e-05 stays a float.

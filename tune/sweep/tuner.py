@@ -31,7 +31,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from gems.config import Config, config_from_dict
+from tune.config import JobConfig, config_from_dict
 from tune.sweep.space import apply_params, to_optuna, validate_points
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class RelayToTune(TuneReportCallback):
 
 
 def train_trial(params: dict[str, Any], inputs: SweepInputs) -> None:
-    """The default trainable: sampled point -> validated Config -> TorchTrainer.fit().
+    """The default trainable: sampled point -> validated JobConfig -> TorchTrainer.fit().
 
     An invalid point raises ConfigError here, before any training: Tune records the trial as
     errored and the sweep goes on.
@@ -110,14 +110,14 @@ def train_trial(params: dict[str, Any], inputs: SweepInputs) -> None:
     trainer.fit()
 
 
-def sweep_key(cfg: Config, fingerprint: str | None) -> str:
+def sweep_key(cfg: JobConfig, fingerprint: str | None) -> str:
     """Same config + same data -> same key -> an interrupted sweep is resumed, not restarted."""
     payload = json.dumps({"config": cfg.model_dump(mode="json", exclude={"mlflow"}), "data": fingerprint},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
 
-def study_storage_url(cfg: Config) -> str:
+def study_storage_url(cfg: JobConfig) -> str:
     """cfg.tune.study_storage, else an SQLite file under the state dir (its folder created)."""
     if cfg.tune.study_storage:
         return cfg.tune.study_storage
@@ -125,12 +125,12 @@ def study_storage_url(cfg: Config) -> str:
     return f"sqlite:///{cfg.state_path / 'optuna.db'}"
 
 
-def experiments_root(cfg: Config) -> str:
+def experiments_root(cfg: JobConfig) -> str:
     raw = cfg.train.storage_path
     return raw if "://" in raw else str(cfg.resolve(raw))
 
 
-def max_concurrent_trials(cfg: Config, cluster_cpus: float | None = None) -> int:
+def max_concurrent_trials(cfg: JobConfig, cluster_cpus: float | None = None) -> int:
     """cfg.tune.max_concurrent, else how many trials' Train workers fit beside the data CPUs."""
     if cfg.tune.max_concurrent:
         return cfg.tune.max_concurrent
@@ -139,11 +139,11 @@ def max_concurrent_trials(cfg: Config, cluster_cpus: float | None = None) -> int
     return max(1, int((cpus - cfg.tune.data_cpus) // per_trial))
 
 
-def trial_eval_every(cfg: Config) -> int | None:
+def trial_eval_every(cfg: JobConfig) -> int | None:
     return cfg.tune.eval_every or cfg.train.eval_every
 
 
-def evals_per_trial(cfg: Config) -> int:
+def evals_per_trial(cfg: JobConfig) -> int:
     """Val evaluations a full trial makes (every eval_every steps, and always at the end)."""
     every, steps = trial_eval_every(cfg), cfg.train.max_steps
     if not every:
@@ -151,14 +151,14 @@ def evals_per_trial(cfg: Config) -> int:
     return steps // every + (1 if steps % every else 0)
 
 
-def build_scheduler(cfg: Config) -> ASHAScheduler:
+def build_scheduler(cfg: JobConfig) -> ASHAScheduler:
     max_t = evals_per_trial(cfg)
     # stop_last_trials=False: a trial that reaches max_t ends on its own (Train finishes cleanly)
     return ASHAScheduler(time_attr=EVALS, max_t=max_t, grace_period=min(cfg.tune.asha_grace_period, max_t),
                          reduction_factor=cfg.tune.asha_reduction_factor, stop_last_trials=False)
 
 
-def build_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
+def build_sampler(cfg: JobConfig) -> optuna.samplers.BaseSampler:
     seed = cfg.train.seed
     if cfg.tune.algorithm == "nsga2":
         population = max(2, min(50, cfg.tune.num_samples // 2))
@@ -166,7 +166,7 @@ def build_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, cfg.tune.num_samples // 2))
 
 
-def build_searcher(cfg: Config, study_name: str, max_concurrent: int) -> ConcurrencyLimiter:
+def build_searcher(cfg: JobConfig, study_name: str, max_concurrent: int) -> ConcurrencyLimiter:
     """OptunaSearch over cfg.tune.space with RDB storage, wrapped in the concurrency limit."""
     multi = cfg.tune.algorithm == "nsga2"
     validate_points(cfg.tune.space, cfg.tune.points_to_evaluate)
@@ -178,7 +178,7 @@ def build_searcher(cfg: Config, study_name: str, max_concurrent: int) -> Concurr
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
 
 
-def sweep_name(cfg: Config, fingerprint: str | None) -> str:
+def sweep_name(cfg: JobConfig, fingerprint: str | None) -> str:
     """``<config name>-sweep-<key>``; with tune.resume off, the first unused ``-<n>`` suffix."""
     base = f"{cfg.name}-sweep-{sweep_key(cfg, fingerprint)}"
     if cfg.tune.resume or "://" in experiments_root(cfg):
@@ -189,7 +189,7 @@ def sweep_name(cfg: Config, fingerprint: str | None) -> str:
     return f"{base}-{n}"
 
 
-def run_sweep(cfg: Config, inputs: SweepInputs, name: str, callbacks: Sequence[ray.tune.Callback] = (),
+def run_sweep(cfg: JobConfig, inputs: SweepInputs, name: str, callbacks: Sequence[ray.tune.Callback] = (),
               trainable: Trainable = train_trial) -> SweepOutcome:
     """Run (or resume) the sweep ``name``; failed trials are recorded, not raised."""
     root = experiments_root(cfg)

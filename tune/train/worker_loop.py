@@ -47,6 +47,7 @@ from gems.prompts import encode_training_example
 from gems.sasrec_vectors import load_item_vectors
 from gems.schedule import build_lr_schedule, current_lr
 from gems.step import StepStats
+from tune.config import JobConfig
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ def _agreed_precision(setting: str, device: torch.device, rank: int,
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Entry point given to ``TorchTrainer``; returns (on rank 0) the run's metric history."""
-    cfg = Config.model_validate(loop_config["cfg"])
+    cfg = JobConfig.model_validate(loop_config["cfg"])
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
