@@ -22,8 +22,7 @@ import torch
 
 from gems.prompts import IGNORE_INDEX
 from gems.step import TaskBatch
-
-TASKS: tuple[str, str] = ("search", "rec")
+from gems.tasks import TASKS
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 from gems.config import Config
 from gems.metrics import (
     DEFAULT_KS,
-    TASKS,
     TaskMetrics,
     history_exclusion_mask,
     metrics_by_task,
     rank_examples,
     unified_metric,
 )
+from gems.tasks import TASKS
 
 #: rows of examples -> scores [len(rows), n_items] in catalog order
 ScoreBatch = Callable[[pl.DataFrame], torch.Tensor]

@@ -17,7 +17,7 @@ import torch
 from rank_bm25 import BM25Okapi
 
 from gems.evaluate import EvalResult, evaluate_scorer
-from gems.metrics import TASKS
+from gems.tasks import TASKS
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 

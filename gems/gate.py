@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gems.config import GateWeights
-
-TASKS: tuple[str, str] = ("search", "rec")
+from gems.tasks import TASKS
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-TASKS: tuple[str, ...] = ("search", "rec")
+from gems.tasks import TASKS
+
 PROTOCOLS: tuple[str, ...] = ("full", "sampled")
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 UNIFIED_METRIC = "ndcg_at_10"

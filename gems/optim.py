@@ -41,7 +41,7 @@ from torch.optim.adamw import adamw as adamw_step
 
 from gems.config import GEMSConfig
 from gems.conflict import ConflictSummary, cosine, cosine_from_products, summarize
-from gems.gate import TASKS, TaskStats, task_gate
+from gems.gate import TaskStats, task_gate
 from gems.nullspace import NullSpace
 from gems.subspace import (
     Side,
@@ -52,6 +52,7 @@ from gems.subspace import (
     top_basis,
     transfer_moments,
 )
+from gems.tasks import TASKS
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gems.items import ITEM_TOKEN_PREFIX, item_token
+from gems.tasks import TASKS
 
 HISTORY_SEP = "; "
 EMPTY_HISTORY = "none"
@@ -48,7 +49,7 @@ def history_entry(item_id: str, title: str | None, title_max_words: int) -> str:
 
 
 def prompt_head(task: str) -> str:
-    if task not in ("search", "rec"):
+    if task not in TASKS:
         raise ValueError(f"task must be 'search' or 'rec', got {task!r}")
     return f"[{task}] History: "
 

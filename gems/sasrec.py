@@ -22,8 +22,8 @@ import polars as pl
 import torch
 from torch import nn
 
-from gems.metrics import TASKS
 from gems.sasrec_config import SASRecConfig
+from gems.tasks import TASKS
 
 
 @contextmanager

@@ -31,9 +31,10 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-from gems.metrics import TASKS, full_catalog_ranks, history_exclusion_mask, ranking_metrics
+from gems.metrics import full_catalog_ranks, history_exclusion_mask, ranking_metrics
 from gems.sasrec import SASRec, SequenceBatch, encode_examples, score_examples, torch_threads
 from gems.sasrec_config import SASRecConfig
+from gems.tasks import TASKS
 
 log = logging.getLogger(__name__)
 

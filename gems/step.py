@@ -30,9 +30,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gems.conflict import ConflictSummary
-from gems.gate import TASKS
 from gems.prompts import IGNORE_INDEX
 from gems.target_loss import TargetLoss
+from gems.tasks import TASKS
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-TASKS = ("search", "rec")
+from gems.tasks import TASKS
+
 REQUIRED_COLUMNS = ("task", "history_item_ids")
 INPUT_COLUMNS = (*REQUIRED_COLUMNS, "query")
 

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gems.config import GateWeights
-from gems.gate import TASKS, TaskStats, gate_logits, task_gate
+from gems.gate import TaskStats, gate_logits, task_gate
+from gems.tasks import TASKS
 
 positive = st.floats(0.0, 1e3, allow_nan=False)
 weights = st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1)).filter(

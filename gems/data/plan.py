@@ -39,7 +39,7 @@ from gems.data.events import (
     scan_input_files,
 )
 from gems.data.qilin import convert_qilin
-from gems.data.schema import ITEM_FIELDS, ITEM_QUARANTINE_SCHEMA, SPLITS, TASKS, Reason, conform
+from gems.data.schema import ITEM_FIELDS, ITEM_QUARANTINE_SCHEMA, SPLITS, Reason, conform
 from gems.data.sequences import SequenceParams, build_bucket
 from gems.data.shards import (
     ITEMS,
@@ -54,6 +54,7 @@ from gems.data.shards import (
 from gems.data.simulate import MARKER, SimulationParams, simulate
 from gems.data.validate import ValidationParams, attach_raw, validate_events, validate_items
 from gems.prompts import history_entry
+from gems.tasks import TASKS
 
 log = logging.getLogger("gems.data")
 FORMAT_VERSION = 1

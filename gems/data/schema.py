@@ -11,9 +11,7 @@ from typing import Literal
 
 import polars as pl
 
-TASKS: tuple[str, ...] = ("search", "rec")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-Task = Literal["search", "rec"]
 Split = Literal["train", "val", "test"]
 
 FieldKind = Literal["id", "text", "ts", "bool"]

@@ -28,8 +28,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gems.data.schema import QUARANTINE_SCHEMA, SHARD_SCHEMA, SPLITS, TASKS, Reason, conform
+from gems.data.schema import QUARANTINE_SCHEMA, SHARD_SCHEMA, SPLITS, Reason, conform
 from gems.prompts import EMPTY_HISTORY, HISTORY_SEP, prompt_head, prompt_tail
+from gems.tasks import TASKS
 
 DEDUP_KEY = ("user_id", "ts", "task", "query", "item_id", "clicked", "session_id")
 ORDER = ("user_id", "ts", "source_file", "source_row")

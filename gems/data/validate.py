@@ -31,13 +31,13 @@ from gems.data.schema import (
     RAW_TEXT_MAX_CHARS,
     SOURCE_ERROR_COLUMN,
     STAGED_SCHEMA,
-    TASKS,
     TS_MAX,
     TS_MIN,
     FieldKind,
     Reason,
     conform,
 )
+from gems.tasks import TASKS
 
 
 @dataclass(frozen=True)

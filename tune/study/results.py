@@ -24,6 +24,7 @@ import polars as pl  # noqa: E402
 
 from gems.metrics import TaskMetrics  # noqa: E402
 from gems.retention import RetentionResult  # noqa: E402
+from gems.tasks import TASKS  # noqa: E402
 
 COLUMNS: tuple[str, ...] = ("method", "task", "metric", "protocol", "value", "seed")
 SCHEMA = {"method": pl.Utf8, "task": pl.Utf8, "metric": pl.Utf8, "protocol": pl.Utf8,
@@ -183,7 +184,7 @@ def plot_metric_bars(rows: Sequence[Row], method_order: Sequence[str], path: Pat
     summary = summarize(rows).filter((pl.col("metric") == metric) & (pl.col("protocol") == protocol))
     if summary.height == 0:
         return None
-    tasks = [t for t in ("search", "rec") if t in summary["task"].to_list()]
+    tasks = [t for t in TASKS if t in summary["task"].to_list()]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         part = {r["method"]: r for r in summary.filter(pl.col("task") == task).iter_rows(named=True)}
@@ -258,7 +259,7 @@ def plot_val_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path
     gives up while the other improves is visible at a glance."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
     drawn = False
-    for ax, task in zip(axes, ("search", "rec"), strict=True):
+    for ax, task in zip(axes, TASKS, strict=True):
         for label, history in sorted(histories.items()):
             series = conflict_series(history, VAL_NDCG.format(task=task))
             if len(series) > 0:

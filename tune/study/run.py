@@ -41,6 +41,7 @@ from gems.nullspace import bases_for_run, save_bases
 from gems.retention import retention_with_config
 from gems.sasrec_config import SASRecConfig
 from gems.sasrec_floor import evaluate_sasrec
+from gems.tasks import TASKS
 from tune.config import JobConfig
 from tune.registry.run_params import config_params
 from tune.registry.tracking import log_run_context, parent_run, run_tags, setup_tracking
@@ -340,7 +341,7 @@ def run_comparison(cfg: JobConfig, specs: Sequence[MethodSpec], out_dir: Path, s
 
 def expected_metrics(spec: MethodSpec, retention: bool) -> set[tuple[str, str, str]]:
     """(task, metric, protocol) every run of ``spec`` must produce (the smoke test's contract)."""
-    tasks = ("search",) if spec.method == "bm25" else ("search", "rec")
+    tasks = ("search",) if spec.method == "bm25" else TASKS
     out = {(t, m, p) for t in tasks for m in res.RANKING_METRICS for p in ("full", "sampled")}
     if spec.is_llm and retention:
         out |= {("general", m, res.RETENTION) for m in res.RETENTION_METRICS}

@@ -30,6 +30,7 @@ from ray.train.torch import TorchTrainer
 from gems.checkpoint import read_trainer_state
 from gems.config import Config
 from gems.data.shards import read_items, read_split
+from gems.tasks import TASKS
 from tune.train.item_vectors import collab_vectors_path
 from tune.train.worker_loop import TRAIN_COLUMNS, train_loop_per_worker
 
@@ -66,7 +67,7 @@ def shard_datasets(shard_dir: Path) -> dict[str, ray.data.Dataset]:
     (no Ray Data read tasks: on a small machine they would wait for CPUs the workers hold)."""
     train = read_split(shard_dir, "train").select(TRAIN_COLUMNS)
     tasks = set(train["task"].unique().to_list())
-    if not {"search", "rec"} <= tasks:
+    if not set(TASKS) <= tasks:
         raise ValueError(f"train shards in {shard_dir} hold tasks {sorted(tasks)}; GEMS needs both "
                          "search and rec examples")
     frames = {"train": train, "val": read_split(shard_dir, "val"),

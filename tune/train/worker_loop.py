@@ -47,6 +47,7 @@ from gems.prompts import encode_training_example
 from gems.sasrec_vectors import load_item_vectors
 from gems.schedule import build_lr_schedule, current_lr
 from gems.step import StepStats
+from gems.tasks import TASKS
 from tune.config import JobConfig
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def training_examples(train: pl.DataFrame, tokenizer: Any, max_len: int
 
     ordered = train.sort("example_id")
     return {task: LazyEncoded(ordered.filter(pl.col("task") == task).to_dicts(), encode)
-            for task in ("search", "rec")}
+            for task in TASKS}
 
 
 # ---------------------------------------------------------------------------------- metrics
