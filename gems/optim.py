@@ -6,7 +6,7 @@ refreshed from SVDs of the (null-space projected) gradients every ``t_svd`` step
 moments inside each. The update is ``dW = U_sh + a_s U_s + a_r U_r`` (``U_x = alpha Q_x N_x``, gates
 from :mod:`gems.gate`), projected so that ``(W_t - W_0) U_k = 0``, and ``W <- W - lr dW``. Every
 other trainable parameter (embeddings incl. item tokens, norms, lm_head) gets AdamW on the shared
-gradient. DESIGN.md section 5 is the specification; ``tests/test_optim_reference.py`` holds an
+gradient. DESIGN.md section 5 is the specification; ``tests/gems/test_optim_reference.py`` holds an
 independent loop implementation that this one must match.
 
 Per-task gradients arrive from two backward passes (see :func:`gems.step.train_step`): the loss of

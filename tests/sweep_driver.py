@@ -1,6 +1,6 @@
 """A real sweep (real Ray Tune, Optuna, MLflow) whose trials are cheap stand-ins for training.
 
-Run as a script by tests/test_sweep.py so each sweep gets its own fresh local Ray and can be
+Run as a script by tests/tune/sweep/test_sweep.py so each sweep gets its own fresh local Ray and can be
 interrupted with SIGINT like a user's Ctrl-C. The stand-in trial validates its point exactly as
 the real one does (``apply_params``), marks each execution in a directory, and reports the same
 metric names as the real trial's relay (``tune.sweep.tuner``), including GEMS's gate/conflict series.

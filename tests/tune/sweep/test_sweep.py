@@ -25,7 +25,7 @@ from tune.sweep.parent_run import SWEEP_TAG
 from tune.sweep.trial_runs import TRIAL_ID_TAG
 from tune.sweep.tuner import max_concurrent_trials, study_storage_url
 
-DRIVER = Path(__file__).with_name("sweep_driver.py")
+DRIVER = Path(__file__).resolve().parents[2] / "sweep_driver.py"  # tests/sweep_driver.py
 ROOT = DRIVER.parent.parent
 NUM_SAMPLES = 3
 SETTINGS = [f"tune.num_samples={NUM_SAMPLES}", "tune.max_concurrent=1",

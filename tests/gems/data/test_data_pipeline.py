@@ -25,7 +25,7 @@ from tune.ingest.preprocess import run_preprocess
 
 pytestmark = pytest.mark.slow
 
-FIXTURES = Path(__file__).parent / "data"
+FIXTURES = Path(__file__).resolve().parents[2] / "data"  # tests/data
 NOW = 1_800_000_000
 # line of tests/data/bad_events/dt=2025-01-01/events.jsonl -> the reason it must be quarantined with
 EXPECTED_REASONS = {

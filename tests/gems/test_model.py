@@ -59,7 +59,7 @@ def test_tiny_tokenizer_is_identical_in_another_process() -> None:
     code = "from gems.tiny_tokenizer import build_tiny_tokenizer as b; print(b().backend_tokenizer.to_str())"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env=env, cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+                           env=env, cwd=Path(__file__).resolve().parents[2]).stdout.strip()
     assert there == here
 
 

@@ -336,7 +336,7 @@ def test_cli_checks_inputs_and_output_before_ray_starts(tmp_path: Path, monkeypa
 def test_cli_exits_non_zero_with_the_quarantine_summary_when_nothing_is_valid(
         tmp_path: Path, monkeypatch, capsys) -> None:
     """The exit-code mapping of pipelines/preprocess.py, with the single-process pipeline standing in
-    for the Ray Data one (tests/test_data_pipeline.py runs the same input on Ray)."""
+    for the Ray Data one (tests/gems/data/test_data_pipeline.py runs the same input on Ray)."""
     import ray
 
     import pipelines.preprocess as cli
@@ -386,7 +386,7 @@ def test_check_inputs_passes_good_inputs(tmp_path: Path) -> None:
 
 class _LocalDataset:
     """Just enough of a Ray Dataset to run the preprocessing stages in this process and record the
-    options each Ray Data call gets (tests/test_data_pipeline.py runs them on real Ray)."""
+    options each Ray Data call gets (tests/gems/data/test_data_pipeline.py runs them on real Ray)."""
 
     def __init__(self, rows: list[dict[str, Any]], calls: list[tuple[str, dict[str, Any]]]) -> None:
         self.rows, self.calls = rows, calls

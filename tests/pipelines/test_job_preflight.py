@@ -19,7 +19,7 @@ from pipelines.full import main as full_main
 from pipelines.nightly import main as nightly_main
 from pipelines.train import main as train_main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 Main = Callable[[list[str] | None], int]
 
 
