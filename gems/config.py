@@ -294,6 +294,10 @@ class EvalConfig(Section):
     retention_max_tokens: int = Field(4096, ge=64, description="Tokens of held-out general text "
                                       "for perplexity and KL.")
     mmlu_questions: int = Field(100, ge=0, description="Seeded MMLU-Redux subset size (0 = skip).")
+    val_precision: Literal["train", "fp32"] = Field(
+        "train", description="Val scoring during training: 'train' runs the body at the training's "
+        "precision (bf16 autocast when training uses it) with the head in fp32; 'fp32' throughout. "
+        "Test evaluation is always fp32.")
 
 
 class Config(Section):

@@ -131,8 +131,10 @@ def _top_k_rows(scores: torch.Tensor, exclude: torch.Tensor, rows: pl.DataFrame,
 
 
 def model_scorer(model: torch.nn.Module, tokenizer: object, item_token_ids: torch.Tensor,
-                 max_len: int, batch_size: int = 16) -> ScoreBatch:
-    """A ScoreBatch that encodes each row's ``prompt`` and scores the catalog's item tokens."""
+                 max_len: int, batch_size: int = 16, autocast_dtype: torch.dtype | None = None
+                 ) -> ScoreBatch:
+    """A ScoreBatch that encodes each row's ``prompt`` and scores the catalog's item tokens
+    (``autocast_dtype``: see :func:`gems.scoring.score_catalog`)."""
     from gems.prompts import encode_prompt
     from gems.scoring import score_catalog
 
@@ -142,7 +144,8 @@ def model_scorer(model: torch.nn.Module, tokenizer: object, item_token_ids: torc
 
     def score(rows: pl.DataFrame) -> torch.Tensor:
         encoded = [encode_prompt(tokenizer, p, max_len) for p in rows["prompt"].to_list()]
-        return score_catalog(model, encoded, item_token_ids, pad_id, batch_size=batch_size)
+        return score_catalog(model, encoded, item_token_ids, pad_id, batch_size=batch_size,
+                             autocast_dtype=autocast_dtype)
 
     return score
 
@@ -151,13 +154,13 @@ def evaluate_model(model: torch.nn.Module, tokenizer: object, examples: pl.DataF
                    item_ids: Sequence[str], item_token_ids: torch.Tensor, *, max_len: int,
                    batch_size: int = 16, mask_history_rec: bool = True, num_negatives: int = 99,
                    seed: int = 0, ks: Sequence[int] = DEFAULT_KS, top_k: int | None = None,
-                   progress: bool = True) -> EvalResult:
+                   progress: bool = True, autocast_dtype: torch.dtype | None = None) -> EvalResult:
     """Evaluate the LLM: one forward pass per prompt (batched), next-token logits over items."""
     if "prompt" not in examples.columns:
         raise ValueError(f"examples lack the 'prompt' column (have {examples.columns})")
     if len(item_ids) != len(item_token_ids):
         raise ValueError(f"{len(item_ids)} item ids but {len(item_token_ids)} item token ids")
-    scorer = model_scorer(model, tokenizer, item_token_ids, max_len, batch_size)
+    scorer = model_scorer(model, tokenizer, item_token_ids, max_len, batch_size, autocast_dtype)
     return evaluate_scorer(scorer, examples, item_ids, batch_size=batch_size,
                            mask_history_rec=mask_history_rec, num_negatives=num_negatives,
                            seed=seed, ks=ks, top_k=top_k, progress=progress, desc="evaluate model")
@@ -165,7 +168,8 @@ def evaluate_model(model: torch.nn.Module, tokenizer: object, examples: pl.DataF
 
 def evaluate_with_config(model: torch.nn.Module, tokenizer: object, examples: pl.DataFrame,
                          item_ids: Sequence[str], item_token_ids: torch.Tensor, cfg: Config, *,
-                         top_k: int | None = None, progress: bool = True) -> EvalResult:
+                         top_k: int | None = None, progress: bool = True,
+                         autocast_dtype: torch.dtype | None = None) -> EvalResult:
     """``evaluate_model`` with cfg.eval settings, cfg.train.max_seq_len and the seeded
     cfg.eval.max_examples subset per task."""
     subset = subsample_per_task(examples, cfg.eval.max_examples, cfg.data.seed)
@@ -173,4 +177,4 @@ def evaluate_with_config(model: torch.nn.Module, tokenizer: object, examples: pl
                           max_len=cfg.train.max_seq_len, batch_size=cfg.eval.batch_size,
                           mask_history_rec=cfg.eval.mask_history_rec,
                           num_negatives=cfg.eval.num_negatives, seed=cfg.data.seed,
-                          ks=cfg.eval.ks, top_k=top_k, progress=progress)
+                          ks=cfg.eval.ks, top_k=top_k, progress=progress, autocast_dtype=autocast_dtype)

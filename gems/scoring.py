@@ -6,7 +6,9 @@ tokens, are exact scores for every item: no beam search, no per-item passes (DES
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 
 import torch
 from transformers import PreTrainedModel
@@ -15,6 +17,38 @@ from transformers import PreTrainedModel
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     params = inspect.signature(model.forward).parameters
     return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+@contextlib.contextmanager
+def _head_in_fp32(head: torch.nn.Module, device_type: str) -> Iterator[None]:
+    """Run ``head`` outside autocast on fp32 inputs while the body runs in bf16.
+
+    bf16 logits carry ~3 significant digits, so many of 2,420 item scores would tie; an fp32 head on
+    the bf16 body's last hidden state keeps the ranking resolution at a fraction of the cost. The
+    head module itself runs (not its weight), so wrappers such as peft's trainable-token deltas apply.
+    """
+    own = head.__dict__.get("forward")  # an instance-level forward (e.g. a hook library's) is kept
+    forward = head.forward
+
+    def fp32_forward(hidden: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        with torch.autocast(device_type, enabled=False):
+            return forward(hidden.float(), *args, **kwargs)
+
+    head.forward = fp32_forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _lowered_body(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> Iterator[None]:
+    """The body under ``dtype`` autocast, the head in fp32."""
+    with _head_in_fp32(model.get_output_embeddings(), device_type), torch.autocast(device_type, dtype=dtype):
+        yield
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,13 +64,16 @@ def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor,
 
 def score_catalog(model: PreTrainedModel, encoded_prompts: list[list[int]],
                   item_token_ids: torch.LongTensor, pad_token_id: int,
-                  batch_size: int = 16) -> torch.FloatTensor:
+                  batch_size: int = 16, autocast_dtype: torch.dtype | None = None
+                  ) -> torch.FloatTensor:
     """Scores [n_prompts, n_items] (fp32, CPU): next-token logits at each prompt end for the items.
 
     Prompts are grouped by length to waste little padding; position ids skip the left padding so a
     prompt scores the same alone or in any batch. The LM head runs only at the last position
     (``logits_to_keep=1``), which keeps model-specific head logic (e.g. logit soft-capping) exact.
-    The model's train/eval mode is restored afterwards.
+    The model's train/eval mode is restored afterwards. With ``autocast_dtype`` (bf16) the body runs
+    under autocast and the head in fp32 (val during bf16 training, ``eval.val_precision``); None
+    scores in the model's own precision (test, serving).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -59,8 +96,10 @@ def score_catalog(model: PreTrainedModel, encoded_prompts: list[list[int]],
     order = sorted(range(len(encoded_prompts)), key=lambda i: len(encoded_prompts[i]))
     was_training = model.training
     model.eval()
+    precision = (contextlib.nullcontext() if autocast_dtype is None
+                 else _lowered_body(model, device.type, autocast_dtype))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), precision:
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
                 input_ids, attention_mask = left_pad([encoded_prompts[i] for i in rows], pad_token_id)

@@ -28,13 +28,19 @@ def _naive_last_logits(model: PreTrainedModel, prompt: list[int]) -> torch.Tenso
         return model(torch.tensor([prompt])).logits[0, -1, :]
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_scores_equal_naive_logits_and_softmax(tied: bool, tmp_path: Path,
-                                               tiny_items: list[tuple[str, str]]) -> None:
+def _tiny_catalog(tied: bool, tmp_path: Path, tiny_items: list[tuple[str, str]]
+                  ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, torch.Tensor, list[list[int]]]:
+    """A tiny Llama (tied or untied head) with the items added, and PROMPTS encoded."""
     cfg = load_config("tiny", [f"model.tiny.tie_word_embeddings={str(tied).lower()}"]).model
     model, tok = load_backbone(cfg, tmp_path)
     item_ids = torch.tensor(add_item_tokens(model, tok, tiny_items))
-    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    return model, tok, item_ids, [tok(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_scores_equal_naive_logits_and_softmax(tied: bool, tmp_path: Path,
+                                               tiny_items: list[tuple[str, str]]) -> None:
+    model, tok, item_ids, prompts = _tiny_catalog(tied, tmp_path, tiny_items)
     assert len({len(p) for p in prompts}) > 1, "prompts of different lengths exercise padding"
 
     scores = score_catalog(model, prompts, item_ids, tok.pad_token_id, batch_size=2)
@@ -87,3 +93,25 @@ def test_left_pad_puts_every_prompt_end_last() -> None:
     ids, mask = left_pad([[5, 6, 7], [9]], pad_token_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_bf16_body_scores_stay_fp32_close_and_restore_the_head(tied: bool, tmp_path: Path,
+                                                              tiny_items: list[tuple[str, str]]) -> None:
+    model, tok, item_ids, prompts = _tiny_catalog(tied, tmp_path, tiny_items)
+    head = model.get_output_embeddings()
+
+    full = score_catalog(model, prompts, item_ids, tok.pad_token_id, batch_size=2)
+    low = score_catalog(model, prompts, item_ids, tok.pad_token_id, batch_size=2,
+                        autocast_dtype=torch.bfloat16)
+    assert low.dtype == torch.float32
+    assert not torch.equal(low, full), "the body ran under bf16 autocast"
+    assert torch.allclose(low, full, atol=0.1 * full.abs().max().item())
+    # The head ran in fp32: scores carry more than bf16's 8 mantissa bits (bf16 logits would tie).
+    assert (low != low.bfloat16().float()).float().mean() > 0.9
+    assert "forward" not in head.__dict__, "the head's own forward is back"
+
+    with pytest.raises(IndexError):  # a token beyond the vocabulary fails inside the forward pass
+        score_catalog(model, [[len(tok) + 10]], item_ids, tok.pad_token_id, autocast_dtype=torch.bfloat16)
+    assert "forward" not in head.__dict__, "restored on the error path too"
+    assert torch.equal(score_catalog(model, prompts, item_ids, tok.pad_token_id, batch_size=2), full)

@@ -336,13 +336,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                                    "train/torch_threads": float(torch.get_num_threads()),
                                    **window.flush(world)}
         if is_eval and val is not None:
-            metrics.update(_evaluate(_unwrap(train_model), tokenizer, val, item_ids, val_token_ids, cfg))
+            val_dtype = autocast_dtype if cfg.eval.val_precision == "train" else None
+            metrics.update(_evaluate(_unwrap(train_model), tokenizer, val, item_ids, val_token_ids, cfg,
+                                     val_dtype))
         if done == tc.max_steps:
             digests = _all_digests(_unwrap(train_model))
             metrics["train/replicas_identical"] = float(len(set(digests)) == 1)
         if rank == 0:
             history.append(metrics)
-            print(progress_line(metrics, tc.max_steps), flush=True)  # the driver shows workers' stdout
+            # Through logging, not print: Train V2 patches print() to log *and* echo, so each line
+            # reached the driver twice; the worker's root logger reaches it once.
+            log.info(progress_line(metrics, tc.max_steps))
         state = TrainerState(step=done, data_position=batcher.position(done),
                              extra={"history": history, "precision": precision})
         if is_ckpt:
@@ -369,9 +373,12 @@ def progress_line(metrics: Mapping[str, Any], max_steps: int) -> str:
 
 
 def _evaluate(model: torch.nn.Module, tokenizer: Any, val: pl.DataFrame, item_ids: list[str],
-              token_ids: torch.Tensor, cfg: Config) -> dict[str, float]:
-    """Val metrics (fp32 scores: bf16 logits would tie many items); unified = mean NDCG@10."""
+              token_ids: torch.Tensor, cfg: Config, autocast_dtype: torch.dtype | None
+              ) -> dict[str, float]:
+    """Val metrics (fp32 item scores: bf16 logits would tie many items, a bf16 body does not);
+    unified = mean NDCG@10."""
     was_training = model.training
-    result = evaluate_with_config(model, tokenizer, val, item_ids, token_ids, cfg, progress=False)
+    result = evaluate_with_config(model, tokenizer, val, item_ids, token_ids, cfg, progress=False,
+                                  autocast_dtype=autocast_dtype)
     model.train(was_training)
     return {"val/unified": result.unified, **flatten_metrics(result.metrics, prefix="val/")}
