@@ -178,25 +178,34 @@ def _atomic(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------------------- plots
 
 
+def _bar_panels(panels: Sequence[tuple[str, pl.DataFrame]], method_order: Sequence[str], path: Path,
+                *, width: float, color: str, zero_line: bool = False) -> Path:
+    """One panel of bars per (title, summary rows): mean per method, error bars = std over seeds."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.6), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], panels, strict=True):
+        part = {r["method"]: r for r in rows.iter_rows(named=True)}
+        methods = [m for m in method_order if m in part]
+        ax.bar(range(len(methods)), [part[m]["mean"] for m in methods],
+               yerr=[part[m]["std"] for m in methods], capsize=3, color=color)
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+        if zero_line:
+            ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_metric_bars(rows: Sequence[Row], method_order: Sequence[str], path: Path,
                      metric: str = "ndcg_at_10", protocol: str = "full") -> Path | None:
     """Bars of ``metric`` per method, one panel per task (error bars = std over seeds)."""
     summary = summarize(rows).filter((pl.col("metric") == metric) & (pl.col("protocol") == protocol))
     if summary.height == 0:
         return None
-    tasks = [t for t in TASKS if t in summary["task"].to_list()]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        part = {r["method"]: r for r in summary.filter(pl.col("task") == task).iter_rows(named=True)}
-        methods = [m for m in method_order if m in part]
-        ax.bar(range(len(methods)), [part[m]["mean"] for m in methods],
-               yerr=[part[m]["std"] for m in methods], capsize=3, color="tab:blue")
-        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
-        ax.set(title=f"{task}: {metric} ({protocol})", ylabel=metric)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    panels = [(f"{task}: {metric} ({protocol})", summary.filter(pl.col("task") == task))
+              for task in TASKS if task in summary["task"].to_list()]
+    return _bar_panels(panels, method_order, path, width=5, color="tab:blue")
 
 
 def plot_retention_bars(rows: Sequence[Row], method_order: Sequence[str], path: Path) -> Path | None:
@@ -205,19 +214,9 @@ def plot_retention_bars(rows: Sequence[Row], method_order: Sequence[str], path: 
     metrics = [m for m in ("ppl_increase", "kl", "mmlu_drop") if m in summary["metric"].to_list()]
     if not metrics:
         return None
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
-        part = {r["method"]: r for r in summary.filter(pl.col("metric") == metric).iter_rows(named=True)}
-        methods = [m for m in method_order if m in part]
-        ax.bar(range(len(methods)), [part[m]["mean"] for m in methods],
-               yerr=[part[m]["std"] for m in methods], capsize=3, color="tab:orange")
-        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
-        ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set(title=f"general: {metric} (lower = better)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    panels = [(f"general: {metric} (lower = better)", summary.filter(pl.col("metric") == metric))
+              for metric in metrics]
+    return _bar_panels(panels, method_order, path, width=4.2, color="tab:orange", zero_line=True)
 
 
 def conflict_series(history: Sequence[Mapping[str, float]], key: str) -> list[tuple[int, float]]:

@@ -337,8 +337,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                                    **window.flush(world)}
         if is_eval and val is not None:
             val_dtype = autocast_dtype if cfg.eval.val_precision == "train" else None
+            val_start = time.perf_counter()
             metrics.update(_evaluate(_unwrap(train_model), tokenizer, val, item_ids, val_token_ids, cfg,
                                      val_dtype))
+            metrics["train/val_seconds"] = time.perf_counter() - val_start
         if done == tc.max_steps:
             digests = _all_digests(_unwrap(train_model))
             metrics["train/replicas_identical"] = float(len(set(digests)) == 1)
