@@ -34,13 +34,12 @@ class Job:
     """How one job reads its config from the command line.
 
     ``own_smoke_config``: --smoke-test loads the tiny config (and refuses --config), else it adds to
-    --config. ``smoke_after_set``: the smoke file overrides --set, else --set changes a smoke run.
+    --config. In every job --set is applied last: what a user sets explicitly changes a smoke run too.
     """
 
     name: str
     default_config: str
     own_smoke_config: bool = True
-    smoke_after_set: bool = False
 
 
 def smoke_overrides(job: str) -> list[str]:
@@ -81,11 +80,10 @@ def job_parser(doc: str, job: Job, *, set_example: str, smoke_help: str, num_cpu
 
 
 def job_overrides(args: argparse.Namespace, job: Job) -> list[str]:
-    """--set and, for a smoke run, the job's smoke file, in the job's order."""
+    """For a smoke run the job's smoke file, then --set (the user's explicit settings win)."""
     if not args.smoke_test:
         return list(args.set)
-    smoke = smoke_overrides(job.name)
-    return [*args.set, *smoke] if job.smoke_after_set else [*smoke, *args.set]
+    return [*smoke_overrides(job.name), *args.set]
 
 
 def config_name(args: argparse.Namespace, job: Job) -> str:

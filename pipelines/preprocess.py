@@ -24,7 +24,7 @@ from pipelines.cli import Job, job_parser, load_job_config, setup_logging, start
 from pipelines.preflight import EXIT_INPUT, exit_code  # noqa: E402
 from tune.ingest.preprocess import run_preprocess  # noqa: E402
 
-JOB = Job("preprocess", "demo", own_smoke_config=False, smoke_after_set=True)
+JOB = Job("preprocess", "demo", own_smoke_config=False)
 
 
 def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from pipelines.preflight import EXIT_CONFIG, PREFLIGHT_ERRORS, exit_code  # noqa
 from tune.train.bases import prepare_bases  # noqa: E402
 from tune.train.trainer import TrainOutcome, run_training  # noqa: E402
 
-JOB = Job("train", "demo", own_smoke_config=False, smoke_after_set=True)
+JOB = Job("train", "demo", own_smoke_config=False)
 
 SUMMARY_KEYS = ("step", "train/loss", "train/loss_search", "train/loss_rec", "train/gate_search",
                 "train/gate_rec", "train/conflict_before_mean_rho", "train/tokens_per_s", "val/unified",

@@ -1,5 +1,5 @@
 """The shared command line of the five jobs (pipelines/cli.py): every smoke file loads on the config
-its job puts it on, in the job's order, and every job keeps its flags."""
+its job puts it on, --set wins over it in every job, and every job keeps its flags."""
 
 from __future__ import annotations
 
@@ -26,19 +26,16 @@ def test_every_job_has_a_smoke_file_that_states_its_command() -> None:
 
 
 @pytest.mark.parametrize("name", JOBS)
-def test_smoke_run_loads_in_the_jobs_order(name: str) -> None:
+def test_set_wins_over_every_jobs_smoke_file(name: str) -> None:
     job = _job(name)
     args = argparse.Namespace(config=None if job.own_smoke_config else job.default_config,
-                              set=["train.max_steps=7"], smoke_test=True)
+                              set=["train.max_steps=7", "eval.max_examples=3"], smoke_test=True)
     cfg = load_job_config(args, job)
-    smoke = smoke_overrides(name)
     base = "tiny" if job.own_smoke_config else job.default_config
-    order = [*args.set, *smoke] if job.smoke_after_set else [*smoke, *args.set]
-    assert cfg == load_config(base, order)
-    if job.smoke_after_set and any(o.startswith("train.max_steps=") for o in smoke):
-        assert cfg.train.max_steps != 7  # this job's smoke file wins over --set
-    else:
-        assert cfg.train.max_steps == 7
+    assert cfg == load_config(base, [*smoke_overrides(name), *args.set])
+    assert cfg.train.max_steps == 7 and cfg.eval.max_examples == 3
+    smoke_only = load_job_config(argparse.Namespace(config=args.config, set=[], smoke_test=True), job)
+    assert smoke_only.train.max_steps != 7, "the smoke file itself sets fewer steps"
 
 
 def test_smoke_values_keep_their_yaml_type() -> None:
