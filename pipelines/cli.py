@@ -24,6 +24,7 @@ import yaml
 from gems.config import ConfigError
 from pipelines.preflight import job_config
 from tune.config import JobConfig, load_config
+from tune.local_ray import local_runtime_env
 
 SMOKE_DIR = Path(__file__).resolve().parent / "configs" / "smoke"
 LOG_FORMAT = "%(asctime)s %(name)s %(message)s"
@@ -119,4 +120,5 @@ def start_ray(num_cpus: int | None = None, *, dashboard: bool | None = False,
             os.environ.pop("RAY_ADDRESS")
         address = os.environ.get("RAY_ADDRESS") or None
     ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=dashboard,
-             ignore_reinit_error=True, log_to_driver=driver_logs)
+             ignore_reinit_error=True, log_to_driver=driver_logs,
+             runtime_env=None if address else local_runtime_env(dashboard))

@@ -43,6 +43,7 @@ from gems.sasrec_config import SASRecConfig
 from gems.sasrec_floor import evaluate_sasrec
 from gems.tasks import TASKS
 from tune.config import JobConfig
+from tune.local_ray import local_runtime_env
 from tune.registry.run_params import config_params
 from tune.registry.tracking import log_run_context, parent_run, run_tags, setup_tracking
 from tune.study import results as res
@@ -69,7 +70,7 @@ def ensure_ray(cfg: JobConfig) -> None:
     """A local Ray big enough for one training run (workers x CPUs) if none is running."""
     if not ray.is_initialized():
         cpus = max(2, math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker))
-        ray.init(num_cpus=cpus, include_dashboard=False)
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=local_runtime_env(False))
 
 
 def prepare_shards(cfg: JobConfig) -> tuple[Path, dict[str, Any]]:
