@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from gems.batching import LazyEncoded, MixedTaskBatcher, TokenizedExample
 from gems.checkpoint import TrainerState, load_training_checkpoint, save_training_checkpoint
+from gems.compile import compile_decoder_layers
 from gems.config import Config
 from gems.evaluate import evaluate_with_config
 from gems.item_init import aligned_vectors, init_item_rows
@@ -289,6 +290,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     method = build_method(model, cfg.gems, tc.lr, bases, item_token_ids=new_ids, loss=tc.loss,
                           item_lr_scale=tc.item_lr_scale, item_weight_decay=tc.item_weight_decay)
     train_model: torch.nn.Module = method.model
+    if tc.compile:
+        log.info("compiled %d decoder layers (the first step pays for compilation)",
+                 compile_decoder_layers(train_model))
     if world > 1:
         train_model = ray.train.torch.prepare_model(train_model)
     schedule = build_lr_schedule(method.optimizer, tc.warmup_steps, tc.max_steps)
