@@ -244,8 +244,9 @@ class TrainConfig(Section):
                                                        "autocast speed at start-up and records it.")
     compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes, one "
                           "graph shared by all layers): fuses the norms, rotary and activation ops "
-                          "around the matmuls. Costs ~40 s of compilation at the first step; pays on "
-                          "long runs (docs/learning.md: 1.6 -> 1.36 s per GEMS step on CPU).")
+                          "around the matmuls; ~40 s of compilation at the first step. A CPU bench "
+                          "step went from 1.61 to 1.36 s; in the Amazon job the gain was within the "
+                          "machine's drift (docs/learning.md round 6), so it is off by default.")
     lr: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps before cosine decay.")
     max_steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps per run.")
