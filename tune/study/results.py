@@ -179,7 +179,7 @@ def _atomic(path: Path, text: str) -> None:
 
 
 def _bar_panels(panels: Sequence[tuple[str, pl.DataFrame]], method_order: Sequence[str], path: Path,
-                *, width: float, color: str, zero_line: bool = False) -> Path:
+                *, width: float, color: str, zero_line: bool = False, ylabel: str = "") -> Path:
     """One panel of bars per (title, summary rows): mean per method, error bars = std over seeds."""
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.6), squeeze=False)
     for ax, (title, rows) in zip(axes[0], panels, strict=True):
@@ -190,7 +190,7 @@ def _bar_panels(panels: Sequence[tuple[str, pl.DataFrame]], method_order: Sequen
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
         if zero_line:
             ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_title(title)
+        ax.set(title=title, ylabel=ylabel)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -205,7 +205,7 @@ def plot_metric_bars(rows: Sequence[Row], method_order: Sequence[str], path: Pat
         return None
     panels = [(f"{task}: {metric} ({protocol})", summary.filter(pl.col("task") == task))
               for task in TASKS if task in summary["task"].to_list()]
-    return _bar_panels(panels, method_order, path, width=5, color="tab:blue")
+    return _bar_panels(panels, method_order, path, width=5, color="tab:blue", ylabel=metric)
 
 
 def plot_retention_bars(rows: Sequence[Row], method_order: Sequence[str], path: Path) -> Path | None:

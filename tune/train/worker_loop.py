@@ -340,10 +340,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                                    "train/torch_threads": float(torch.get_num_threads()),
                                    **window.flush(world)}
         if is_eval and val is not None:
-            val_dtype = autocast_dtype if cfg.eval.val_precision == "train" else None
             val_start = time.perf_counter()
             metrics.update(_evaluate(_unwrap(train_model), tokenizer, val, item_ids, val_token_ids, cfg,
-                                     val_dtype))
+                                     autocast_dtype))
             metrics["train/val_seconds"] = time.perf_counter() - val_start
         if done == tc.max_steps:
             digests = _all_digests(_unwrap(train_model))
@@ -379,12 +378,11 @@ def progress_line(metrics: Mapping[str, Any], max_steps: int) -> str:
 
 
 def _evaluate(model: torch.nn.Module, tokenizer: Any, val: pl.DataFrame, item_ids: list[str],
-              token_ids: torch.Tensor, cfg: Config, autocast_dtype: torch.dtype | None
-              ) -> dict[str, float]:
-    """Val metrics (fp32 item scores: bf16 logits would tie many items, a bf16 body does not);
-    unified = mean NDCG@10."""
-    was_training = model.training
+              token_ids: torch.Tensor, cfg: Config, train_dtype: torch.dtype | None) -> dict[str, float]:
+    """Val metrics; unified = mean NDCG@10. ``eval.val_precision: train`` runs the body in the
+    training's autocast dtype and the head in fp32 (bf16 logits would tie many items), ``fp32``
+    runs it all in fp32. Scoring restores the model's train mode itself."""
+    dtype = train_dtype if cfg.eval.val_precision == "train" else None
     result = evaluate_with_config(model, tokenizer, val, item_ids, token_ids, cfg, progress=False,
-                                  autocast_dtype=autocast_dtype)
-    model.train(was_training)
+                                  autocast_dtype=dtype)
     return {"val/unified": result.unified, **flatten_metrics(result.metrics, prefix="val/")}
