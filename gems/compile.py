@@ -2,8 +2,8 @@
 
 Only the layers are compiled, in place (``nn.Module.compile``): parameter names, ``state_dict``
 keys, checkpoints, DDP wrapping and GEMS's reading of ``.grad`` stay exactly as without it, and
-the embedding, head and losses (which differ per method and task) stay eager. All layers share
-one code object, so dynamo builds one graph (dynamic in batch and sequence length) for all of them.
+the embedding, head and losses (which differ per method and task) stay eager. Shapes are marked
+dynamic, so the bucketed batches' many lengths do not each trigger a compilation.
 """
 
 from __future__ import annotations

@@ -242,8 +242,8 @@ class TrainConfig(Section):
                                       "at start-up; after them that CPU idles unless the worker uses it.")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto probes bf16 "
                                                        "autocast speed at start-up and records it.")
-    compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes, one "
-                          "graph shared by all layers): fuses the norms, rotary and activation ops "
+    compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes): "
+                          "fuses the norms, rotary and activation ops "
                           "around the matmuls; ~40 s of compilation at the first step. A CPU bench "
                           "step went from 1.61 to 1.36 s; in the Amazon job the gain was within the "
                           "machine's drift (docs/learning.md round 6), so it is off by default.")

@@ -27,6 +27,9 @@ def test_compiled_layers_take_the_same_steps_as_eager(tiny_model_and_tokenizer, 
         built = build_method(model, cfg, 1e-3)
         if label == "compiled":
             assert compile_decoder_layers(built.model) == len(decoder_layers(eager)) > 0
+            # each layer now calls through torch.compile (nn.Module.compile's hook), the rest stays eager
+            assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
+            assert model._compiled_call_impl is None
         # three steps with different sequence lengths: one dynamic graph, no shape-specialised break
         runs[label] = [built.train_step(mixed_batches(len(tok), seed=s, seq=8 + 3 * s)).mixed_loss
                        for s in range(3)]
