@@ -10,6 +10,8 @@ Tune, MLflow and nightly layer (tune, mlflow, nightly) live with it, in ``tune/c
 
 from __future__ import annotations
 
+import os
+
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -328,9 +330,10 @@ class Config(Section):
         return p if p.is_absolute() else PROJECT_ROOT / p
 
     def resolve(self, relative: str) -> Path:
-        """A path from the config: absolute as given, else under the state dir."""
+        """A path from the config: absolute as given, else under the state dir. ``..`` is resolved
+        lexically, so ``../../data`` works before the state dir exists (a fresh checkout)."""
         p = Path(relative).expanduser()
-        return p if p.is_absolute() else self.state_path / p
+        return p if p.is_absolute() else Path(os.path.normpath(self.state_path / p))
 
 
 C = TypeVar("C", bound=Config)

@@ -81,3 +81,12 @@ def test_missing_config_file() -> None:
 
 def test_state_dir_is_absolute() -> None:
     assert load_config("tiny").state_path.is_absolute()
+
+
+def test_relative_paths_reach_outside_a_state_dir_that_does_not_exist_yet(tmp_path: Path) -> None:
+    data = tmp_path / "shared" / "data"
+    data.mkdir(parents=True)
+    cfg = load_config("tiny").model_copy(update={"state_dir": str(tmp_path / "proj" / ".state" / "x")})
+    resolved = cfg.resolve("../../../shared/data")
+    assert not (tmp_path / "proj").exists()
+    assert resolved == data and resolved.is_dir()
