@@ -11,7 +11,6 @@ Tune, MLflow and nightly layer (tune, mlflow, nightly) live with it, in ``tune/c
 from __future__ import annotations
 
 import os
-
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal, TypeVar

@@ -232,6 +232,13 @@ class GEMSAdamW(torch.optim.Optimizer):
             return True
         return any(bool(v) for p in self._layers for k, v in self.state[p].items() if k.startswith("due_"))
 
+    def request_refresh(self) -> None:
+        """Recompute every basis at the next step, as at a multiple of ``t_svd`` (benchmarks time it)."""
+        for p in self._layers:
+            for key, flag in self.state[p].items():
+                if key.startswith("due_"):
+                    flag.fill_(True)
+
     def used_ranks(self) -> dict[str, float]:
         """Mean number of basis directions in use per subspace over the target weights: with
         ``gems.rank_threshold`` a subspace holds only what its gradient held at the last refresh."""

@@ -9,9 +9,12 @@ GEMM the size of the model's largest), then per method (AdamW, GEMS) and precisi
 whole-step time (``train_step`` with the catalog loss on prompts of the study's length), the
 model FLOPs of that step (6 x non-embedding parameters x real tokens, plus the attention
 scores, plus GEMS's second task pass costs nothing extra: each token is processed once) and
-MFU = FLOPs / time / peak of the precision used. GEMS/AdamW whole-step ratio at the same batch
-with the SVD refresh amortised over ``--t-svd`` steps. Not a test: figures depend on the load
-average, printed first and last.
+MFU = FLOPs / time / peak of the precision used. GEMS's refresh step (SVDs of the task gradients)
+is timed apart, and the GEMS/AdamW whole-step ratio is given both without it and with it amortised
+over ``--t-svd`` steps (``(refresh + (t_svd - 1) x step) / t_svd``), the figure a run pays.
+``--r-shared`` sets GEMS's shared rank (task ranks half of it), ``--compile`` compiles the decoder
+layers (``train.compile``), ``--precisions`` limits the precisions timed. Not a test: figures
+depend on the load average, printed first and last.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 
 import torch
 
+from gems.compile import compile_decoder_layers
 from gems.config import GEMSConfig, ModelConfig
 from gems.methods import build_method
 from gems.model import add_item_tokens, load_backbone
@@ -72,14 +76,25 @@ def step_flops(model: torch.nn.Module, batch: int, length: int) -> float:
     return 6.0 * n * batch * length + attention
 
 
-def time_steps(method, batches: dict, steps: int, dtype: torch.dtype | None, refresh_every: int) -> float:  # noqa: ANN001
-    times = []
+def time_steps(method, batches: dict, steps: int, dtype: torch.dtype | None,  # noqa: ANN001
+               refresh_every: int) -> tuple[float, float]:
+    """(median s of a plain step, median s of a refresh step). Step 0 refreshes GEMS's bases (and
+    warms up kernels) and is not counted; ``steps`` later steps give the plain median; for
+    GEMS the refresh is measured on two more steps whose bases are due again."""
+    plain, refresh = [], []
     for i in range(steps + 1):
         start = time.perf_counter()
         method.train_step(batches, 1.0, dtype, measure_conflict=False)
-        if i > 0 and (i % refresh_every) != 0:  # the first step refreshes GEMS bases: timed apart
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        if i > 0 and (i % refresh_every) != 0:
+            plain.append(time.perf_counter() - start)
+    optimizer = getattr(method, "optimizer", None)
+    if hasattr(optimizer, "request_refresh"):
+        for _ in range(2):
+            optimizer.request_refresh()
+            start = time.perf_counter()
+            method.train_step(batches, 1.0, dtype, measure_conflict=False)
+            refresh.append(time.perf_counter() - start)
+    return statistics.median(plain), statistics.median(refresh) if refresh else statistics.median(plain)
 
 
 def main() -> None:
@@ -93,10 +108,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=0, help="GEMS null-space rank (random orthonormal bases; "
                     "the projection's cost, not its content)")
     ap.add_argument("--attention", default="auto", choices=("auto", "eager", "sdpa"))
+    ap.add_argument("--r-shared", type=int, default=16, help="GEMS shared rank (task ranks: half)")
+    ap.add_argument("--compile", action="store_true", help="compile the decoder layers (train.compile)")
+    ap.add_argument("--precisions", default="bf16,fp32", help="comma-separated: bf16, fp32")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"load average before: {os.getloadavg()}  threads: {args.threads}  attention: {args.attention}")
+    print(f"load average before: {os.getloadavg()}  threads: {args.threads}  attention: {args.attention}  "
+          f"r_shared: {args.r_shared}  k: {args.k}  t_svd: {args.t_svd}  compile: {args.compile}")
     model, tok = load_backbone(ModelConfig(name_or_path=args.model, attention=args.attention), _cache())
     item_ids = add_item_tokens(model, tok, [(f"i{i}", f"office item {i}") for i in range(2420)])
     size = max(model.config.hidden_size, model.config.intermediate_size)
@@ -109,22 +128,30 @@ def main() -> None:
     print(f"model FLOPs per step ({args.batch} x {args.length} tokens): {flops / 1e9:.1f} GFLOP")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     results = {}
-    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    dtypes = {"bf16": torch.bfloat16, "fp32": None}
+    for precision in precisions:
+        dtype = dtypes[precision]
         for name in ("adamw", "gems"):
             model.load_state_dict(base_state)
-            cfg = GEMSConfig(method=name, k=args.k, t_svd=args.t_svd)
+            cfg = GEMSConfig(method=name, k=args.k, t_svd=args.t_svd, r_shared=args.r_shared)
             bases = random_bases(model, cfg) if name == "gems" and args.k else None
             method = build_method(model, cfg, 1e-5, bases, item_token_ids=item_ids, loss="catalog")
-            if args.profile and name == "adamw" and precision == "bf16":
+            if args.compile:
+                compile_decoder_layers(method.model)
+            if args.profile and precision == precisions[0]:
                 _profile(method, batches, dtype)
-            seconds = time_steps(method, batches, args.steps, dtype, refresh_every=args.t_svd)
-            results[(name, precision)] = seconds
+            seconds, refresh = time_steps(method, batches, args.steps, dtype, refresh_every=args.t_svd)
+            results[(name, precision)] = (seconds, refresh)
             mfu = flops / seconds / (peaks[precision] * 1e9)
-            print(f"{name:5s} {precision}: {seconds:.2f} s/step (median of {args.steps}), "
+            extra = f", refresh step {refresh:.2f} s" if name == "gems" else ""
+            print(f"{name:5s} {precision}: {seconds:.2f} s/step (median of {args.steps}){extra}, "
                   f"{flops / seconds / 1e9:.1f} GFLOP/s, MFU {100 * mfu:.0f}% of the {precision} peak")
-    for precision in ("bf16", "fp32"):
-        ratio = results[("gems", precision)] / results[("adamw", precision)]
-        print(f"GEMS / AdamW whole step ({precision}, refresh excluded): {ratio:.2f}")
+    for precision in precisions:
+        (gems, refresh), (adamw, _) = results[("gems", precision)], results[("adamw", precision)]
+        amortised = (refresh + (args.t_svd - 1) * gems) / args.t_svd
+        print(f"GEMS / AdamW whole step ({precision}): {gems / adamw:.2f} without the refresh, "
+              f"{amortised / adamw:.2f} with it amortised over t_svd={args.t_svd}")
     print(f"load average after: {os.getloadavg()}")
 
 

@@ -192,3 +192,18 @@ def test_lean_capture_keeps_no_gradient_copy(tiny_model_and_tokenizer) -> None:
     (task_ce_sum(model, batches["search"][0]) / 7).backward()
     opt.capture_task_grad("search", keep_full=True)  # conflict steps set the gradient aside instead
     assert q.grad is None and q in opt._pending.stash
+
+
+def test_requested_refresh_recomputes_the_bases_at_the_next_step(tiny_model_and_tokenizer) -> None:
+    model, tok = tiny_model_and_tokenizer
+    opt = GEMSAdamW.for_model(model, GEMSConfig(r_shared=4, t_svd=100, k=0), 1e-3)
+    step_optimizer(model, opt, mixed_batches(len(tok)), None)  # step 0 refreshes
+    step_optimizer(model, opt, mixed_batches(len(tok), seed=1), None)
+    assert not opt.refresh_due() and not opt.last_report.refreshed
+    q = dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    before = opt.state[q]["q_shared"].clone()
+    opt.request_refresh()
+    assert opt.refresh_due()
+    step_optimizer(model, opt, mixed_batches(len(tok), seed=2), None)
+    assert opt.last_report.refreshed and not opt.refresh_due()
+    assert not torch.allclose(opt.state[q]["q_shared"], before)  # a new basis from the new gradient

@@ -47,6 +47,7 @@ from gems.precision import resolve_precision
 from gems.prompts import encode_training_example
 from gems.sasrec_vectors import load_item_vectors
 from gems.schedule import build_lr_schedule, current_lr
+from gems.speed_probe import forward_probe_seconds, machine_probe
 from gems.step import StepStats
 from gems.tasks import TASKS
 from tune.config import JobConfig
@@ -320,6 +321,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     autocast_dtype, precision = _agreed_precision(tc.precision, device, rank, saved_precision)
 
     window = MetricWindow()
+    probe_batch = next(iter(batcher.batches_at(0).values()))[0]  # one fixed micro-batch, resume-safe
     for step in range(start_step, tc.max_steps):
         _maybe_fail(step + 1, rank, tc.fail_at_step, loop_config.get("fault_marker"))
         done = step + 1
@@ -338,7 +340,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         metrics: dict[str, Any] = {"step": done, "train/lr": current_lr(schedule),
                                    "train/precision_bf16": float(autocast_dtype is not None),
                                    "train/torch_threads": float(torch.get_num_threads()),
-                                   **window.flush(world)}
+                                   **window.flush(world), **machine_probe(device),
+                                   "train/probe_forward_s": forward_probe_seconds(
+                                       _unwrap(train_model), probe_batch, autocast_dtype)}
         if is_eval and val is not None:
             val_start = time.perf_counter()
             metrics.update(_evaluate(_unwrap(train_model), tokenizer, val, item_ids, val_token_ids, cfg,
