@@ -136,3 +136,5 @@ def test_collab_item_init_and_learning_metrics(ray_cluster, workdir: Path, shard
     assert 0.0 <= first["train/padding_share"] < 1.0 and first["train/tokens_per_step"] > 0
     assert first["train/gate_search_min"] <= first["train/gate_search"] <= first["train/gate_search_max"]
     assert abs(first["train/loss"] - math.log(N_ITEMS)) < 1.5
+    # the speed probes that separate a slower machine from a slower process, at every report
+    assert all(h["train/probe_forward_s"] > 0 and h["machine/matmul_bf16_ms"] > 0 for h in out.history)
