@@ -14,7 +14,8 @@ import torch
 from transformers import PreTrainedModel
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model.forward`` can compute the head at chosen positions only (HF ``logits_to_keep``)."""
     params = inspect.signature(model.forward).parameters
     return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
@@ -92,7 +93,7 @@ def score_catalog(model: PreTrainedModel, encoded_prompts: list[list[int]],
         return scores
     device = next(model.parameters()).device
     item_index = item_token_ids.to(device)
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     order = sorted(range(len(encoded_prompts)), key=lambda i: len(encoded_prompts[i]))
     was_training = model.training
     model.eval()

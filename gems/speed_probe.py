@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gems.precision import probe_matmul_ms
+from gems.scoring import accepts_logits_to_keep
 from gems.step import TaskBatch
 
 PROBE_REPEATS = 3
@@ -40,14 +41,14 @@ def forward_probe_seconds(model: nn.Module, batch: TaskBatch, autocast_dtype: to
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
+    kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     best = float("inf")
     with torch.no_grad(), autocast:
         for _ in range(PROBE_REPEATS):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                  logits_to_keep=1)
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - start)

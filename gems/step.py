@@ -19,7 +19,6 @@ gradient of the global mixed loss; micro-batches other than each task's last run
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from gems.conflict import ConflictSummary
 from gems.prompts import IGNORE_INDEX
+from gems.scoring import accepts_logits_to_keep
 from gems.target_loss import TargetLoss
 from gems.tasks import TASKS
 
@@ -115,11 +115,6 @@ def _all_reduce_sum(values: Tensor) -> Tensor:
     return values
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    params = inspect.signature(model.forward).parameters
-    return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -140,7 +135,7 @@ def task_ce_sum(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dtype 
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids,
                               "use_cache": False}
-    sliced = _accepts_logits_to_keep(model) and keep.numel() > 0
+    sliced = accepts_logits_to_keep(model) and keep.numel() > 0
     if sliced:
         kwargs["logits_to_keep"] = keep
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
