@@ -233,7 +233,8 @@ class GEMSAdamW(torch.optim.Optimizer):
         return any(bool(v) for p in self._layers for k, v in self.state[p].items() if k.startswith("due_"))
 
     def request_refresh(self) -> None:
-        """Recompute every basis at the next step, as at a multiple of ``t_svd`` (benchmarks time it)."""
+        """Recompute every basis at this step's update (or the next step's), as :meth:`step` does at
+        every multiple of ``t_svd``; benchmarks call it to time a refresh."""
         for p in self._layers:
             for key, flag in self.state[p].items():
                 if key.startswith("due_"):
@@ -390,10 +391,7 @@ class GEMSAdamW(torch.optim.Optimizer):
         total = sum(pend.stats[t][1] for t in present)
         weights = {t: pend.stats[t][1] / total for t in present}
         if self._step_count() % self.cfg.t_svd == 0:
-            for p in self._layers:
-                for k in self.state[p]:
-                    if k.startswith("due_"):
-                        self.state[p][k].fill_(True)
+            self.request_refresh()
         refreshed = False
         conflict_before = None
         if pend.full:

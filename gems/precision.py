@@ -38,7 +38,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_ms(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of ``fn``, synchronised on GPUs."""
     _sync(device)
     start = time.perf_counter()
     fn()
@@ -71,8 +72,8 @@ def probe_matmul_ms(device: torch.device, repeats: int = PROBE_REPEATS,
     fp32(), bf16()  # warm-up: kernel selection, oneDNN primitive caches, CUDA context
     times: dict[str, list[float]] = {"fp32_ms": [], "bf16_ms": []}
     for _ in range(repeats):
-        times["fp32_ms"].append(_time_ms(fp32, device))
-        times["bf16_ms"].append(_time_ms(bf16, device))
+        times["fp32_ms"].append(time_ms(fp32, device))
+        times["bf16_ms"].append(time_ms(bf16, device))
     return {key: min(values) for key, values in times.items()}
 
 

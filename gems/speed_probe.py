@@ -10,12 +10,11 @@ the model's own ops). A step that slows while both probes hold means the step it
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 from torch import nn
 
-from gems.precision import probe_matmul_ms
+from gems.precision import probe_matmul_ms, time_ms
 from gems.scoring import accepts_logits_to_keep
 from gems.step import TaskBatch
 
@@ -42,14 +41,8 @@ def forward_probe_seconds(model: nn.Module, batch: TaskBatch, autocast_dtype: to
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    best = float("inf")
+    def forward() -> object:
+        return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs)
+
     with torch.no_grad(), autocast:
-        for _ in range(PROBE_REPEATS):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - start)
-    return best
+        return min(time_ms(forward, device) for _ in range(PROBE_REPEATS)) / 1000.0
