@@ -281,6 +281,11 @@ class TrainConfig(Section):
                                  "item_lr_scale x the scheduled lr (every method; gems.item_rows).")
     item_weight_decay: float = Field(0.0, ge=0, le=1, description="Decoupled weight decay on the "
                                      "item-token rows only.")
+    history_targets: float = Field(0.0, ge=0, le=100, description="Weight of the history item "
+                                   "tokens as targets, each predicted from the items before it "
+                                   "(shared by an example's history; its answer weighs 1). 0 = off: "
+                                   "only the answer is a target. More item transitions per step "
+                                   "at no extra forward pass (gems.target_loss).")
     length_bucket_steps: int = Field(16, ge=1, le=100_000, description="Each task's examples for "
                                      "this many consecutive steps are drawn together and grouped "
                                      "by prompt length (less padding); 1 = no bucketing.")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from gems.items import ITEM_TOKEN_PREFIX, item_token
@@ -167,12 +167,23 @@ def item_token_id(tokenizer: Any, item_id: str) -> int:
     return int(token_id)
 
 
-def encode_training_example(tokenizer: Any, prompt: str, target_item_id: str,
-                            max_len: int) -> tuple[list[int], list[int]]:
+def encode_training_example(tokenizer: Any, prompt: str, target_item_id: str, max_len: int,
+                            history_item_tokens: Collection[int] | None = None
+                            ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for teacher forcing: the prompt (truncated to ``max_len - 1``) followed
-    by the target item token; labels are -100 except at the target position (HF shifts them)."""
+    by the target item token; labels are -100 except at the target position (HF shifts them).
+
+    ``history_item_tokens`` (the catalog's item token ids): also label every history item token
+    of the prompt but its first, so each is predicted from the items before it (history targets,
+    :mod:`gems.target_loss`). The first has no item before it: predicting it would teach popularity.
+    """
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2 (prompt + target), got {max_len}")
     target = item_token_id(tokenizer, target_item_id)
     prompt_ids = encode_prompt(tokenizer, prompt, max_len - 1)
-    return [*prompt_ids, target], [IGNORE_INDEX] * len(prompt_ids) + [target]
+    labels = [IGNORE_INDEX] * len(prompt_ids)
+    if history_item_tokens:
+        positions = [i for i, token in enumerate(prompt_ids) if token in history_item_tokens]
+        for i in positions[1:]:
+            labels[i] = prompt_ids[i]
+    return [*prompt_ids, target], [*labels, target]

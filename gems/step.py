@@ -1,11 +1,13 @@
 """One training step: per-task backward passes, clipping, optimizer step, statistics.
 
-The mixed-batch loss is the token-mean cross-entropy over all target tokens of both tasks,
+The mixed-batch loss is the weighted mean cross-entropy over all target tokens of both tasks,
 ``L = (sum CE_search + sum CE_rec) / (N_s + N_r) = w_s L_s + w_r L_r`` with ``w_x = N_x / (N_s + N_r)``
-(N = target tokens; one per example in our data). Each micro-batch of task x is back-propagated
-with loss ``sum CE / (N_s + N_r)``: after the search passes ``.grad`` holds ``w_s g_s``, after the rec
-passes it holds the mixed-batch gradient ``g_sh``. Two passes per step (one per task's
-sub-batch, times its micro-batches), never a third. The passes are the same for every method;
+(N = summed target weight: one per example, plus ``train.history_targets`` for an example whose
+history items are targets too; :func:`gems.target_loss.target_weights`). Each micro-batch of
+task x is back-propagated with loss ``sum CE / (N_s + N_r)``: after the search passes ``.grad``
+holds ``w_s g_s``, after the rec passes it holds the mixed-batch gradient ``g_sh``. Two passes per
+step (one per task's sub-batch, times its micro-batches), never a third. The passes are the same
+for every method;
 what happens between them and the update after them belong to the method (:class:`StepMethod`,
 implemented in :mod:`gems.methods`): GEMS takes each task's part of ``.grad`` between the passes,
 the other methods measure the conflict there and take one ordinary step on the mixed gradient.
@@ -127,10 +129,12 @@ def task_ce_sum(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dtype 
     that predict a target (``logits_to_keep``), so the big-vocabulary logits stay small. ``loss``
     chooses the softmax's candidates (default: the whole vocabulary).
     """
+    loss = loss or TargetLoss()
     device = _device(model)
     ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device)
     shifted = batch.labels[:, 1:].to(device)
+    weights = loss.weights(shifted)
     keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids,
@@ -143,9 +147,10 @@ def task_ce_sum(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dtype 
     with autocast:
         logits = model(**kwargs).logits
     targets = shifted[:, keep] if sliced else shifted
+    weights = weights[:, keep] if sliced else weights
     if not sliced:
         logits = logits[:, :-1]
-    return (loss or TargetLoss()).ce_sum(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return loss.ce_sum(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), weights.reshape(-1))
 
 
 def _micro_context(model: nn.Module, index: int, count: int) -> contextlib.AbstractContextManager:
@@ -155,11 +160,19 @@ def _micro_context(model: nn.Module, index: int, count: int) -> contextlib.Abstr
     return contextlib.nullcontext()
 
 
-def _token_counts(batches: Mapping[str, Sequence[TaskBatch]]) -> dict[str, int]:
-    local = torch.tensor([sum(b.target_tokens for b in batches.get(t, ())) for t in TASKS],
-                         dtype=torch.float64)
+def _target_totals(batches: Mapping[str, Sequence[TaskBatch]], loss: TargetLoss
+                   ) -> tuple[dict[str, float], dict[str, int]]:
+    """Global (summed target weight, examples with a target) per task: the loss's normaliser and
+    the samples the gate and the logs see. With one target per example both are the example count."""
+    local = torch.zeros(2, len(TASKS), dtype=torch.float64)
+    for i, task in enumerate(TASKS):
+        for b in batches.get(task, ()):
+            shifted = b.labels[:, 1:]
+            local[0, i] += float(loss.weights(shifted).sum())
+            local[1, i] += int((shifted != IGNORE_INDEX).any(-1).sum())
     total = _all_reduce_sum(local)
-    return {t: int(total[i]) for i, t in enumerate(TASKS)}
+    return ({t: float(total[0, i]) for i, t in enumerate(TASKS)},
+            {t: int(total[1, i]) for i, t in enumerate(TASKS)})
 
 
 def train_step(model: nn.Module, method: StepMethod,
@@ -179,7 +192,7 @@ def train_step(model: nn.Module, method: StepMethod,
     if unknown:
         raise ValueError(f"unknown task(s) in batches: {sorted(unknown)}; expected {TASKS}")
     loss = loss or method.target_loss
-    counts = _token_counts(batches)
+    counts, examples = _target_totals(batches, loss)
     total = sum(counts.values())
     if total == 0:
         raise ValueError("train_step: the batches hold no target tokens (all labels are -100)")
@@ -198,5 +211,5 @@ def train_step(model: nn.Module, method: StepMethod,
             method.after_task_backward(task, measure_conflict)
     ce_sums = _all_reduce_sum(ce_sums)
     losses = {t: float(ce_sums[i]) / counts[t] for i, t in enumerate(TASKS) if counts[t] > 0}
-    samples = {t: counts[t] for t in TASKS if counts[t] > 0}
+    samples = {t: examples[t] for t in TASKS if counts[t] > 0}
     return method.finish_step(losses, samples, max_grad_norm)

@@ -7,6 +7,12 @@ before anything is learned about items) and keeps pushing text tokens down at ev
 costs both rec quality and general-domain behaviour (item mass on ordinary text); it stays as an
 option for comparison. Both take the same logits, so the head, soft-capping or biases of any
 backbone stay exactly what scoring uses.
+
+History targets (``train.history_targets``): a prompt's earlier history item tokens can carry a
+label too, each predicted from the items before it, as a sequential recommender trains on every
+position of a sequence. They cost no extra forward pass (the positions are computed anyway) and
+multiply the item transitions a step sees. :func:`target_weights` keeps each example's answer the
+main signal: the last target of a row weighs 1 and its earlier targets share ``history_weight``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,21 @@ LossMode = Literal["catalog", "vocab"]
 LOSS_MODES: tuple[str, ...] = ("catalog", "vocab")
 
 
+def target_weights(labels: Tensor, history_weight: float) -> Tensor:
+    """Per-position loss weight of ``labels`` [B, T] (-100 = no target), float32, same shape.
+
+    A row's last target (its answer) weighs 1; its earlier targets (history items) weigh
+    ``history_weight / their count``, so every example weighs ``1 + history_weight`` at most and a
+    row with a single target weighs exactly 1 (the plain loss).
+    """
+    is_target = labels != IGNORE_INDEX
+    count = is_target.sum(-1, keepdim=True)
+    last = is_target & (is_target.cumsum(-1) == count)
+    earlier = is_target & ~last
+    share = history_weight / earlier.sum(-1, keepdim=True).clamp(min=1)
+    return last.float() + earlier.float() * share
+
+
 @dataclass(frozen=True)
 class TargetLoss:
     """Summed cross-entropy of target tokens over the candidates of ``mode``.
@@ -34,12 +55,15 @@ class TargetLoss:
 
     mode: LossMode = "vocab"
     item_token_ids: Tensor | None = None
+    history_weight: float = 0.0
     _lookup: dict[torch.device, Tensor] = field(default_factory=dict, init=False, repr=False,
                                                  compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in LOSS_MODES:
             raise ValueError(f"train.loss must be one of {LOSS_MODES}, got {self.mode!r}")
+        if not 0 <= self.history_weight < float("inf"):
+            raise ValueError(f"train.history_targets must be a finite weight >= 0, got {self.history_weight}")
         if self.mode == "catalog":
             ids = self.item_token_ids
             if ids is None or ids.numel() == 0:
@@ -50,9 +74,14 @@ class TargetLoss:
             object.__setattr__(self, "item_token_ids", ids)
 
     @classmethod
-    def build(cls, mode: str, item_token_ids: Tensor | list[int] | None) -> TargetLoss:
+    def build(cls, mode: str, item_token_ids: Tensor | list[int] | None,
+              history_weight: float = 0.0) -> TargetLoss:
         ids = None if item_token_ids is None else torch.as_tensor(item_token_ids, dtype=torch.long)
-        return cls(mode, ids if mode == "catalog" else None)  # type: ignore[arg-type]
+        return cls(mode, ids if mode == "catalog" else None, history_weight)  # type: ignore[arg-type]
+
+    def weights(self, labels: Tensor) -> Tensor:
+        """:func:`target_weights` of ``labels`` [B, T] with this loss's history weight."""
+        return target_weights(labels, self.history_weight)
 
     def _catalog_index(self, targets: Tensor, vocab: int) -> Tensor:
         """Catalog column of each target token id (a clear error for targets that are no item)."""
@@ -71,15 +100,20 @@ class TargetLoss:
             raise ValueError(f"train.loss=catalog: target token(s) {bad} are not catalog item tokens")
         return index
 
-    def ce_sum(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Sum of CE over positions whose target is not -100; ``logits`` [N, V], ``targets`` [N]."""
-        if self.mode == "vocab":
-            return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    def ce_sum(self, logits: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
+        """Sum of CE over positions whose target is not -100; ``logits`` [N, V], ``targets`` [N];
+        ``weights`` [N] (default 1) scale each position's CE (:meth:`weights`)."""
         valid = targets != IGNORE_INDEX
         if not bool(valid.any()):
             return logits.float().sum() * 0.0
-        assert self.item_token_ids is not None
         rows = logits[valid]
-        index = self._catalog_index(targets[valid], logits.shape[-1])
-        restricted = rows.index_select(-1, self.item_token_ids.to(rows.device)).float()
-        return F.cross_entropy(restricted, index, reduction="sum")
+        if self.mode == "vocab":
+            ce = F.cross_entropy(rows.float(), targets[valid], reduction="none")
+        else:
+            assert self.item_token_ids is not None
+            index = self._catalog_index(targets[valid], logits.shape[-1])
+            restricted = rows.index_select(-1, self.item_token_ids.to(rows.device)).float()
+            ce = F.cross_entropy(restricted, index, reduction="none")
+        if weights is None:
+            return ce.sum()
+        return (ce * weights[valid].to(ce.device, ce.dtype)).sum()

@@ -19,7 +19,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -124,12 +124,15 @@ def dataset_frame(name: str, columns: list[str] | None = None) -> pl.DataFrame:
     return frame.select(columns) if columns else frame
 
 
-def training_examples(train: pl.DataFrame, tokenizer: Any, max_len: int
+def training_examples(train: pl.DataFrame, tokenizer: Any, max_len: int,
+                      history_item_tokens: Collection[int] | None = None
                       ) -> dict[str, LazyEncoded[dict[str, Any]]]:
     """Per-task example lists in example_id order (independent of Ray Data's block order),
-    tokenized lazily on first use."""
+    tokenized lazily on first use; ``history_item_tokens``: label history items too
+    (``train.history_targets``)."""
     def encode(row: dict[str, Any]) -> TokenizedExample:
-        ids, labels = encode_training_example(tokenizer, row["prompt"], row["target_item_id"], max_len)
+        ids, labels = encode_training_example(tokenizer, row["prompt"], row["target_item_id"], max_len,
+                                              history_item_tokens)
         return TokenizedExample(ids, labels)
 
     ordered = train.sort("example_id")
@@ -289,7 +292,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     # item_token_ids (catalog order): the catalog loss's candidates, the rows with their own lr,
     # and LoRA's trainable item rows (peft trainable_token_indices).
     method = build_method(model, cfg.gems, tc.lr, bases, item_token_ids=new_ids, loss=tc.loss,
-                          item_lr_scale=tc.item_lr_scale, item_weight_decay=tc.item_weight_decay)
+                          item_lr_scale=tc.item_lr_scale, item_weight_decay=tc.item_weight_decay,
+                          history_weight=tc.history_targets)
     train_model: torch.nn.Module = method.model
     if tc.compile:
         log.info("compiled %d decoder layers (the first step pays for compilation)",
@@ -298,7 +302,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         train_model = ray.train.torch.prepare_model(train_model)
     schedule = build_lr_schedule(method.optimizer, tc.warmup_steps, tc.max_steps)
 
-    examples = training_examples(dataset_frame("train", TRAIN_COLUMNS), tokenizer, tc.max_seq_len)
+    history_tokens = frozenset(int(i) for i in new_ids) if tc.history_targets > 0 else None
+    examples = training_examples(dataset_frame("train", TRAIN_COLUMNS), tokenizer, tc.max_seq_len,
+                                 history_tokens)
     # Prompt characters stand in for token counts when grouping by length: no tokenization upfront.
     lengths = {task: [len(row["prompt"]) for row in rows.rows] for task, rows in examples.items()}
     batcher = MixedTaskBatcher(examples, batch_size=tc.batch_size, search_fraction=tc.search_fraction,
