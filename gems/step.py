@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from gems.catalog_head import restricted as restricted_head
 from gems.conflict import ConflictSummary
 from gems.prompts import IGNORE_INDEX
 from gems.scoring import accepts_logits_to_keep
@@ -126,7 +127,8 @@ def task_ce_sum(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dtype 
     """Summed next-token cross-entropy over the batch's target tokens (fp32 scalar with grad).
 
     Position ids skip the left padding (as in scoring), and the LM head runs only at positions
-    that predict a target (``logits_to_keep``), so the big-vocabulary logits stay small. ``loss``
+    that predict a target (``logits_to_keep``), so the big-vocabulary logits stay small; under the
+    catalog loss a plain linear head computes its item rows only (:mod:`gems.catalog_head`). ``loss``
     chooses the softmax's candidates (default: the whole vocabulary).
     """
     loss = loss or TargetLoss()
@@ -144,13 +146,15 @@ def task_ce_sum(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dtype 
         kwargs["logits_to_keep"] = keep
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    with autocast:
+    catalog = loss.item_token_ids if loss.mode == "catalog" else None
+    with autocast, restricted_head(model, catalog) as item_columns:
         logits = model(**kwargs).logits
     targets = shifted[:, keep] if sliced else shifted
     weights = weights[:, keep] if sliced else weights
     if not sliced:
         logits = logits[:, :-1]
-    return loss.ce_sum(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), weights.reshape(-1))
+    return loss.ce_sum(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), weights.reshape(-1),
+                       item_columns=item_columns)
 
 
 def _micro_context(model: nn.Module, index: int, count: int) -> contextlib.AbstractContextManager:

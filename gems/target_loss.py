@@ -83,26 +83,31 @@ class TargetLoss:
         """:func:`target_weights` of ``labels`` [B, T] with this loss's history weight."""
         return target_weights(labels, self.history_weight)
 
-    def _catalog_index(self, targets: Tensor, vocab: int) -> Tensor:
+    def _catalog_index(self, targets: Tensor) -> Tensor:
         """Catalog column of each target token id (a clear error for targets that are no item)."""
         device = targets.device
         if device not in self._lookup:
             assert self.item_token_ids is not None
             ids = self.item_token_ids.to(device)
-            if int(ids.max()) >= vocab or int(ids.min()) < 0:
-                raise ValueError(f"item token ids reach {int(ids.max())}, beyond the logits' {vocab} columns")
-            lookup = torch.full((vocab,), -1, dtype=torch.long, device=device)
+            if int(ids.min()) < 0:
+                raise ValueError(f"item token ids must be >= 0, got {int(ids.min())}")
+            lookup = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=device)
             lookup[ids] = torch.arange(ids.numel(), device=device)
             self._lookup[device] = lookup
-        index = self._lookup[device][targets]
+        lookup = self._lookup[device]
+        inside = (targets >= 0) & (targets < lookup.numel())
+        index = torch.where(inside, lookup[targets.clamp(0, lookup.numel() - 1)], -1)
         if bool((index < 0).any()):
             bad = targets[index < 0][:5].tolist()
             raise ValueError(f"train.loss=catalog: target token(s) {bad} are not catalog item tokens")
         return index
 
-    def ce_sum(self, logits: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
-        """Sum of CE over positions whose target is not -100; ``logits`` [N, V], ``targets`` [N];
-        ``weights`` [N] (default 1) scale each position's CE (:meth:`weights`)."""
+    def ce_sum(self, logits: Tensor, targets: Tensor, weights: Tensor | None = None,
+               item_columns: bool = False) -> Tensor:
+        """Sum of CE over positions whose target is not -100; ``logits`` [N, V], ``targets`` [N]
+        (token ids); ``weights`` [N] (default 1) scale each position's CE (:meth:`weights`).
+        ``item_columns``: catalog mode's logits are the item rows' already, column j = item j
+        (:mod:`gems.catalog_head`)."""
         valid = targets != IGNORE_INDEX
         if not bool(valid.any()):
             return logits.float().sum() * 0.0
@@ -111,8 +116,17 @@ class TargetLoss:
             ce = F.cross_entropy(rows.float(), targets[valid], reduction="none")
         else:
             assert self.item_token_ids is not None
-            index = self._catalog_index(targets[valid], logits.shape[-1])
-            restricted = rows.index_select(-1, self.item_token_ids.to(rows.device)).float()
+            index = self._catalog_index(targets[valid])
+            if item_columns:
+                if logits.shape[-1] != self.item_token_ids.numel():
+                    raise ValueError(f"item-column logits have {logits.shape[-1]} columns, the catalog "
+                                     f"{self.item_token_ids.numel()} items")
+                restricted = rows.float()
+            else:
+                if int(self.item_token_ids.max()) >= logits.shape[-1]:
+                    raise ValueError(f"item token ids reach {int(self.item_token_ids.max())}, beyond the "
+                                     f"logits' {logits.shape[-1]} columns")
+                restricted = rows.index_select(-1, self.item_token_ids.to(rows.device)).float()
             ce = F.cross_entropy(restricted, index, reduction="none")
         if weights is None:
             return ce.sum()
