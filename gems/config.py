@@ -286,6 +286,10 @@ class TrainConfig(Section):
                                    "(shared by an example's history; its answer weighs 1). 0 = off: "
                                    "only the answer is a target. More item transitions per step "
                                    "at no extra forward pass (gems.target_loss).")
+    history_target_tasks: list[Literal["search", "rec"]] = Field(
+        default_factory=lambda: ["search", "rec"], description="Tasks whose examples get history "
+        "targets. Each task's loss is averaged over its own target weight and the tasks keep their "
+        "example shares, so history targets in rec leave search's share of the step as it was.")
     length_bucket_steps: int = Field(16, ge=1, le=100_000, description="Each task's examples for "
                                      "this many consecutive steps are drawn together and grouped "
                                      "by prompt length (less padding); 1 = no bucketing.")

@@ -1,21 +1,22 @@
 """One training step: per-task backward passes, clipping, optimizer step, statistics.
 
-The mixed-batch loss is the weighted mean cross-entropy over all target tokens of both tasks,
-``L = (sum CE_search + sum CE_rec) / (N_s + N_r) = w_s L_s + w_r L_r`` with ``w_x = N_x / (N_s + N_r)``
-(N = summed target weight: one per example, plus ``train.history_targets`` for an example whose
-history items are targets too; :func:`gems.target_loss.target_weights`). Each micro-batch of
-task x is back-propagated with loss ``sum CE / (N_s + N_r)``: after the search passes ``.grad``
-holds ``w_s g_s``, after the rec passes it holds the mixed-batch gradient ``g_sh``. Two passes per
-step (one per task's sub-batch, times its micro-batches), never a third. The passes are the same
-for every method;
+The mixed-batch loss averages each task's loss over its examples and weighs the tasks by their
+example counts: ``L = w_s L_s + w_r L_r`` with ``w_x = n_x / (n_s + n_r)`` (n = examples) and
+``L_x = sum CE_x / N_x`` (N = summed target weight: one per example, plus ``train.history_targets``
+for an example whose history items are targets too; :func:`gems.target_loss.target_weights`). With
+one target per example this is the token-mean over the batch. Each micro-batch of task x is
+back-propagated with loss ``w_x sum CE / N_x``: after the search passes ``.grad`` holds ``w_s g_s``,
+after the rec passes it holds the mixed-batch gradient ``g_sh``. Two passes per step (one per
+task's sub-batch, times its micro-batches), never a third. The passes are the same for every method;
 what happens between them and the update after them belong to the method (:class:`StepMethod`,
 implemented in :mod:`gems.methods`): GEMS takes each task's part of ``.grad`` between the passes,
 the other methods measure the conflict there and take one ordinary step on the mixed gradient.
 
-Under DDP (``model`` wrapped in DistributedDataParallel) token counts are summed over ranks first
-and each rank scales its loss by ``world_size / N_global``, so DDP's gradient average is the
-gradient of the global mixed loss; micro-batches other than each task's last run under
-``no_sync``. Every rank must see the same micro-batch structure (``gems.batching`` ensures it).
+Under DDP (``model`` wrapped in DistributedDataParallel) target weights and example counts are
+summed over ranks first and each rank scales task x's loss by ``world_size * w_x / N_x`` (global
+figures), so DDP's gradient average is the gradient of the global mixed loss; micro-batches other
+than each task's last run under ``no_sync``. Every rank must see the same micro-batch structure
+(``gems.batching`` ensures it).
 """
 
 from __future__ import annotations
@@ -197,10 +198,11 @@ def train_step(model: nn.Module, method: StepMethod,
         raise ValueError(f"unknown task(s) in batches: {sorted(unknown)}; expected {TASKS}")
     loss = loss or method.target_loss
     counts, examples = _target_totals(batches, loss)
-    total = sum(counts.values())
-    if total == 0:
+    total = sum(examples.values())
+    if total == 0 or sum(counts.values()) == 0:
         raise ValueError("train_step: the batches hold no target tokens (all labels are -100)")
-    scale = _world_size() / total
+    # w_x / N_x per task, times the world size that DDP's gradient average divides by
+    scales = {t: _world_size() * examples[t] / total / counts[t] if counts[t] > 0 else 0.0 for t in TASKS}
     model.train()
     method.begin_step()
     ce_sums = torch.zeros(len(TASKS), dtype=torch.float64)
@@ -209,7 +211,7 @@ def train_step(model: nn.Module, method: StepMethod,
         for j, batch in enumerate(micro):
             with _micro_context(model, j, len(micro)):
                 ce = task_ce_sum(model, batch, autocast_dtype, loss)
-                (ce * scale).backward()
+                (ce * scales[task]).backward()
             ce_sums[i] += float(ce.detach())
         if counts[task] > 0:
             method.after_task_backward(task, measure_conflict)

@@ -19,7 +19,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -125,18 +125,22 @@ def dataset_frame(name: str, columns: list[str] | None = None) -> pl.DataFrame:
 
 
 def training_examples(train: pl.DataFrame, tokenizer: Any, max_len: int,
-                      history_item_tokens: Collection[int] | None = None
+                      history_item_tokens: Mapping[str, Collection[int]] | None = None
                       ) -> dict[str, LazyEncoded[dict[str, Any]]]:
     """Per-task example lists in example_id order (independent of Ray Data's block order),
-    tokenized lazily on first use; ``history_item_tokens``: label history items too
-    (``train.history_targets``)."""
-    def encode(row: dict[str, Any]) -> TokenizedExample:
-        ids, labels = encode_training_example(tokenizer, row["prompt"], row["target_item_id"], max_len,
-                                              history_item_tokens)
-        return TokenizedExample(ids, labels)
+    tokenized lazily on first use; ``history_item_tokens`` (task -> the catalog's item token ids):
+    that task's history items are targets too (``train.history_targets``)."""
+    def encoder(task: str) -> Callable[[dict[str, Any]], TokenizedExample]:
+        tokens = (history_item_tokens or {}).get(task)
+
+        def encode(row: dict[str, Any]) -> TokenizedExample:
+            ids, labels = encode_training_example(tokenizer, row["prompt"], row["target_item_id"],
+                                                  max_len, tokens)
+            return TokenizedExample(ids, labels)
+        return encode
 
     ordered = train.sort("example_id")
-    return {task: LazyEncoded(ordered.filter(pl.col("task") == task).to_dicts(), encode)
+    return {task: LazyEncoded(ordered.filter(pl.col("task") == task).to_dicts(), encoder(task))
             for task in TASKS}
 
 
@@ -302,7 +306,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         train_model = ray.train.torch.prepare_model(train_model)
     schedule = build_lr_schedule(method.optimizer, tc.warmup_steps, tc.max_steps)
 
-    history_tokens = frozenset(int(i) for i in new_ids) if tc.history_targets > 0 else None
+    item_tokens = frozenset(int(i) for i in new_ids)
+    history_tokens = {t: item_tokens for t in tc.history_target_tasks} if tc.history_targets > 0 else None
     examples = training_examples(dataset_frame("train", TRAIN_COLUMNS), tokenizer, tc.max_seq_len,
                                  history_tokens)
     # Prompt characters stand in for token counts when grouping by length: no tokenization upfront.
