@@ -132,3 +132,47 @@ def test_a_step_with_history_targets_normalises_by_weight_and_counts_examples(it
     assert stats.samples == {"search": 3, "rec": 3}  # examples, not target tokens
     # rows with history targets weigh 1.5, the row without weighs 1
     assert stats.loss["rec"] == pytest.approx(ce / (1.5 + 1.5 + 1.0), rel=1e-5)
+
+
+class _Recorder:
+    """A StepMethod that keeps ``.grad`` after each task's passes (what GEMS reads there)."""
+
+    def __init__(self, model, loss: TargetLoss) -> None:
+        self.model, self.target_loss, self.seen = model, loss, {}
+
+    def begin_step(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def after_task_backward(self, task: str, measure_conflict: bool) -> None:
+        self.seen[task] = self.model.get_input_embeddings().weight.grad.clone()
+
+    def finish_step(self, losses, samples, max_grad_norm):
+        from gems.step import StepStats
+        return StepStats(loss=losses, samples=samples, grad_norm=0.0)
+
+
+def test_history_targets_in_one_task_leave_the_task_shares_as_they_were(items_model) -> None:
+    from gems.step import train_step
+
+    model, tok, ids = items_model
+    search, dense_rec = _batch(tok, ids, None), _batch(tok, ids, frozenset(ids))
+    loss = TargetLoss.build("catalog", ids, 4.0)
+
+    def grad_of(batch: TaskBatch) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        (task_ce_sum(model, batch, loss=loss) / float(loss.weights(batch.labels[:, 1:]).sum())).backward()
+        return model.get_input_embeddings().weight.grad.clone()
+
+    g_search, g_rec = grad_of(search), grad_of(dense_rec)
+    recorder = _Recorder(model, loss)
+    stats = train_step(model, recorder, {"search": [search], "rec": [dense_rec]})
+    # 3 examples per task: each task weighs 1/2 however many targets its examples carry
+    torch.testing.assert_close(recorder.seen["search"], 0.5 * g_search, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(recorder.seen["rec"], 0.5 * g_search + 0.5 * g_rec, rtol=1e-4, atol=1e-7)
+    assert stats.samples == {"search": 3, "rec": 3}
+
+
+def test_history_target_tasks_are_validated() -> None:
+    assert TrainConfig(history_target_tasks=["rec"]).history_target_tasks == ["rec"]
+    with pytest.raises(ValueError):
+        TrainConfig(history_target_tasks=["browse"])
