@@ -124,9 +124,11 @@ def test_resume_from_checkpoint_continues_exactly(uninterrupted: TrainOutcome, w
 def test_collab_item_init_and_learning_metrics(ray_cluster, workdir: Path, shards: Path) -> None:
     """items.init=title+collab: SASRec vectors fitted once on the driver and cached; both ranks
     start from the same rows (replicas identical); the window reports tokens, padding and the gate
-    range; the catalog loss starts near ln(catalog)."""
+    range; the catalog loss starts near ln(catalog). Rec's history items are targets too (two
+    workers: the weights are summed across ranks), and the samples stay example counts."""
     cfg = _cfg(workdir, "train.loss=catalog", "items.init=title+collab", "sasrec.max_epochs=3",
-               "sasrec.patience=1", "train.max_steps=2", "train.checkpoint_every=2", "train.torch_threads=2")
+               "sasrec.patience=1", "train.max_steps=2", "train.checkpoint_every=2", "train.torch_threads=2",
+               "train.history_targets=1.0", "train.history_target_tasks=[rec]")
     out = run_training(cfg, shards, run_name="collab")
     cached = list((workdir / "cache" / "item_vectors").glob("sasrec-*.safetensors"))
     assert len(cached) == 1
@@ -136,5 +138,6 @@ def test_collab_item_init_and_learning_metrics(ray_cluster, workdir: Path, shard
     assert 0.0 <= first["train/padding_share"] < 1.0 and first["train/tokens_per_step"] > 0
     assert first["train/gate_search_min"] <= first["train/gate_search"] <= first["train/gate_search_max"]
     assert abs(first["train/loss"] - math.log(N_ITEMS)) < 1.5
+    assert first["train/samples_search"] == first["train/samples_rec"] == 6  # 3 per task per rank
     # the speed probes that separate a slower machine from a slower process, at every report
     assert all(h["train/probe_forward_s"] > 0 and h["machine/matmul_bf16_ms"] > 0 for h in out.history)
