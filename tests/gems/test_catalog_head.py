@@ -67,3 +67,19 @@ def test_restriction_enters_false_without_a_catalog_or_plain_head(tiny_model_and
         assert active is True
         hidden = torch.randn(3, model.config.hidden_size)
         assert model.get_output_embeddings()(hidden).shape == (3, 2)
+
+
+def test_lora_head_with_trainable_item_rows_runs_in_full(tiny_model_and_tokenizer) -> None:
+    """peft wraps the head to add the trainable item rows' delta: restricting its weight would drop it."""
+    from gems.config import GEMSConfig
+    from gems.methods import build_method
+
+    model, tok = tiny_model_and_tokenizer
+    ids = [int(i) for i in add_item_tokens(model, tok, [(str(i), f"Item {i}") for i in range(20)])]
+    lora = build_method(model, GEMSConfig(method="lora", lora_r=4, lora_alpha=8), 1e-2, item_token_ids=ids,
+                        loss="catalog")
+    assert restrictable_head(lora.model) is None
+    batch = _dense_batch(tok, ids)
+    loss = lora.target_loss
+    with torch.no_grad():
+        assert torch.isfinite(task_ce_sum(lora.model, batch, loss=loss))
