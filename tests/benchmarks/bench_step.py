@@ -13,7 +13,9 @@ MFU = FLOPs / time / peak of the precision used. GEMS's refresh step (SVDs of th
 is timed apart, and the GEMS/AdamW whole-step ratio is given both without it and with it amortised
 over ``--t-svd`` steps (``(refresh + (t_svd - 1) x step) / t_svd``), the figure a run pays.
 ``--r-shared`` sets GEMS's shared rank (task ranks half of it), ``--compile`` compiles the decoder
-layers (``train.compile``), ``--precisions`` limits the precisions timed. Not a test: figures
+layers (``train.compile``), ``--precisions`` limits the precisions timed, ``--history-targets``
+labels that many earlier item tokens per prompt, ``--heads items,full`` times the catalog loss's
+item-rows head beside the whole-vocabulary head. Not a test: figures
 depend on the load average, printed first and last.
 """
 
@@ -46,15 +48,19 @@ def matmul_peak(size: int, dtype: torch.dtype, repeats: int = 7) -> float:
     return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
-def study_batches(tokenizer, item_ids: list[int], batch: int, length: int, seed: int) -> dict:  # noqa: ANN001
-    """Left-unpadded prompts of ``length`` tokens ending in an item target, half per task."""
+def study_batches(tokenizer, item_ids: list[int], batch: int, length: int, seed: int,  # noqa: ANN001
+                  history_targets: int = 0) -> dict:
+    """Left-unpadded prompts of ``length`` tokens ending in an item target, half per task;
+    ``history_targets`` more item tokens spread over each prompt are targets too."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
+    positions = [length - 1 - 2 * (j + 1) for j in range(history_targets)]
     for task, n in (("search", batch // 2), ("rec", batch - batch // 2)):
         ids = torch.randint(100, 40_000, (n, length), generator=gen)
-        ids[:, -1] = torch.tensor(item_ids)[torch.randint(0, len(item_ids), (n,), generator=gen)]
         labels = torch.full_like(ids, -100)
-        labels[:, -1] = ids[:, -1]
+        for p in [length - 1, *positions]:
+            ids[:, p] = torch.tensor(item_ids)[torch.randint(0, len(item_ids), (n,), generator=gen)]
+            labels[:, p] = ids[:, p]
         out[task] = [TaskBatch(ids, torch.ones_like(ids), labels)]
     return out
 
@@ -112,6 +118,10 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="compile the decoder layers (train.compile)")
     ap.add_argument("--precisions", default="bf16,fp32", help="comma-separated: bf16, fp32")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one step")
+    ap.add_argument("--history-targets", type=int, default=0, help="earlier item tokens per prompt that "
+                    "are targets too (train.history_targets, weight 1)")
+    ap.add_argument("--heads", default="items", help="comma-separated: items (the catalog loss's "
+                    "item-rows head, gems.catalog_head), full (the whole vocabulary head, for comparison)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()}  threads: {args.threads}  attention: {args.attention}  "
@@ -123,35 +133,48 @@ def main() -> None:
              "bf16": matmul_peak(size * 2, torch.bfloat16)}
     print(f"matmul peak ({size * 2}^3 GEMM): fp32 {peaks['fp32']:.1f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.1f} GFLOP/s")
-    batches = study_batches(tok, item_ids, args.batch, args.length, seed=0)
+    batches = study_batches(tok, item_ids, args.batch, args.length, seed=0,
+                            history_targets=args.history_targets)
+    plain_head = model.lm_head
     flops = step_flops(model, args.batch, args.length)
     print(f"model FLOPs per step ({args.batch} x {args.length} tokens): {flops / 1e9:.1f} GFLOP")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     results = {}
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     dtypes = {"bf16": torch.bfloat16, "fp32": None}
-    for precision in precisions:
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    runs = [(p, n, h) for p in precisions for n in ("adamw", "gems") for h in heads]
+    for precision, name, head in runs:
         dtype = dtypes[precision]
-        for name in ("adamw", "gems"):
-            model.load_state_dict(base_state)
-            cfg = GEMSConfig(method=name, k=args.k, t_svd=args.t_svd, r_shared=args.r_shared)
-            bases = random_bases(model, cfg) if name == "gems" and args.k else None
-            method = build_method(model, cfg, 1e-5, bases, item_token_ids=item_ids, loss="catalog")
-            if args.compile:
-                compile_decoder_layers(method.model)
-            if args.profile and precision == precisions[0]:
-                _profile(method, batches, dtype)
-            seconds, refresh = time_steps(method, batches, args.steps, dtype, refresh_every=args.t_svd)
-            results[(name, precision)] = (seconds, refresh)
-            mfu = flops / seconds / (peaks[precision] * 1e9)
-            extra = f", refresh step {refresh:.2f} s" if name == "gems" else ""
-            print(f"{name:5s} {precision}: {seconds:.2f} s/step (median of {args.steps}){extra}, "
-                  f"{flops / seconds / 1e9:.1f} GFLOP/s, MFU {100 * mfu:.0f}% of the {precision} peak")
+        # a wrapped head is not a plain linear layer: the step then computes the full vocabulary
+        model.lm_head = plain_head if head == "items" else torch.nn.Sequential(plain_head)
+        model.load_state_dict(base_state, strict=False)
+        cfg = GEMSConfig(method=name, k=args.k, t_svd=args.t_svd, r_shared=args.r_shared)
+        bases = random_bases(model, cfg) if name == "gems" and args.k else None
+        method = build_method(model, cfg, 1e-5, bases, item_token_ids=item_ids, loss="catalog",
+                              history_weight=1.0 if args.history_targets else 0.0)
+        if args.compile:
+            compile_decoder_layers(method.model)
+        if args.profile and precision == precisions[0]:
+            _profile(method, batches, dtype)
+        seconds, refresh = time_steps(method, batches, args.steps, dtype, refresh_every=args.t_svd)
+        results[(name, precision, head)] = (seconds, refresh)
+        mfu = flops / seconds / (peaks[precision] * 1e9)
+        extra = f", refresh step {refresh:.2f} s" if name == "gems" else ""
+        print(f"{name:5s} {precision} {head}-head: {seconds:.2f} s/step (median of {args.steps}){extra}, "
+              f"{flops / seconds / 1e9:.1f} GFLOP/s, MFU {100 * mfu:.0f}% of the {precision} peak")
+    model.lm_head = plain_head
     for precision in precisions:
-        (gems, refresh), (adamw, _) = results[("gems", precision)], results[("adamw", precision)]
-        amortised = (refresh + (args.t_svd - 1) * gems) / args.t_svd
-        print(f"GEMS / AdamW whole step ({precision}): {gems / adamw:.2f} without the refresh, "
-              f"{amortised / adamw:.2f} with it amortised over t_svd={args.t_svd}")
+        for head in heads:
+            gems, refresh = results[("gems", precision, head)]
+            adamw = results[("adamw", precision, head)][0]
+            amortised = (refresh + (args.t_svd - 1) * gems) / args.t_svd
+            print(f"GEMS / AdamW whole step ({precision}, {head} head): {gems / adamw:.2f} without the "
+                  f"refresh, {amortised / adamw:.2f} with it amortised over t_svd={args.t_svd}")
+        if len(heads) > 1:
+            for name in ("adamw", "gems"):
+                times = {h: results[(name, precision, h)][0] for h in heads}
+                print(f"{name} {precision}: full head / items head = {times['full'] / times['items']:.2f}")
     print(f"load average after: {os.getloadavg()}")
 
 
