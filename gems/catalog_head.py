@@ -45,17 +45,13 @@ def item_rows_head(head: nn.Linear, item_token_ids: Tensor) -> Iterator[None]:
         del head.forward
 
 
-def restricted(model: nn.Module, item_token_ids: Tensor | None) -> contextlib.AbstractContextManager[bool]:
+@contextlib.contextmanager
+def restricted(model: nn.Module, item_token_ids: Tensor | None) -> Iterator[bool]:
     """A context under which the model's head yields item logits only; enters as True when it
     does, False (head untouched) when the head is not a plain linear layer or there is no catalog."""
     head = restrictable_head(model) if item_token_ids is not None else None
-    if head is None:
-        return contextlib.nullcontext(False)
-    assert item_token_ids is not None
-
-    @contextlib.contextmanager
-    def active() -> Iterator[bool]:
-        with item_rows_head(head, torch.as_tensor(item_token_ids, dtype=torch.long)):
-            yield True
-
-    return active()
+    if head is None or item_token_ids is None:
+        yield False
+        return
+    with item_rows_head(head, torch.as_tensor(item_token_ids, dtype=torch.long)):
+        yield True

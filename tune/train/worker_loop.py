@@ -306,8 +306,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         train_model = ray.train.torch.prepare_model(train_model)
     schedule = build_lr_schedule(method.optimizer, tc.warmup_steps, tc.max_steps)
 
-    item_tokens = frozenset(int(i) for i in new_ids)
-    history_tokens = {t: item_tokens for t in tc.history_target_tasks} if tc.history_targets > 0 else None
+    history_tokens = ({t: frozenset(int(i) for i in new_ids) for t in tc.history_target_tasks}
+                      if tc.history_targets > 0 else None)
     examples = training_examples(dataset_frame("train", TRAIN_COLUMNS), tokenizer, tc.max_seq_len,
                                  history_tokens)
     # Prompt characters stand in for token counts when grouping by length: no tokenization upfront.
