@@ -43,3 +43,8 @@ def test_round1_directory_beside_the_root_results_is_ambiguous(tmp_path: Path) -
     _write(tmp_path / "round1", [Row("gems", "rec", "mrr", "full", 0.2, 0)])
     with pytest.raises(ValueError, match="round1"):
         collect_rounds(tmp_path)
+
+
+def test_without_root_results_a_round1_directory_is_round_one(tmp_path: Path) -> None:
+    _write(tmp_path / "round1", [Row("gems", "rec", "mrr", "full", 0.2, 0)])
+    assert [r.method for r in collect_rounds(tmp_path)] == ["gems@round1"]
