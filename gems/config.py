@@ -279,8 +279,13 @@ class TrainConfig(Section):
         "whole vocabulary (must first move next-token mass from text onto items).")
     item_lr_scale: float = Field(1.0, gt=0, le=1000, description="Item-token rows learn at "
                                  "item_lr_scale x the scheduled lr (every method; gems.item_rows).")
-    item_weight_decay: float = Field(0.0, ge=0, le=1, description="Decoupled weight decay on the "
-                                     "item-token rows only.")
+    item_weight_decay: float = Field(0.0, ge=0, le=1000, description="Decoupled weight decay on the "
+                                     "item-token rows only: each step pulls them by lr x "
+                                     "item_lr_scale x this toward item_decay_to.")
+    item_decay_to: Literal["zero", "init"] = Field(
+        "zero", description="Where item_weight_decay pulls item rows: zero (plain decay) or their "
+        "values when training started (L2-SP: keeps what title/neighbour initialisation knew about "
+        "items that are rarely or never a target).")
     history_targets: float = Field(0.0, ge=0, le=100, description="Weight of the history item "
                                    "tokens as targets, each predicted from the items before it "
                                    "(shared by an example's history; its answer weighs 1). 0 = off: "

@@ -13,6 +13,7 @@ from optim_helpers import mixed_batches
 
 from gems.batching import MixedTaskBatcher, TokenizedExample
 from gems.config import GEMSConfig
+from gems.item_rows import ItemRows
 from gems.methods import build_method
 from gems.model import add_item_tokens, load_backbone
 from gems.optim import GEMSAdamW
@@ -140,6 +141,38 @@ def test_item_weight_decay_applies_to_item_rows_only(tiny_model_and_tokenizer, t
     text = torch.ones(old.shape[0], dtype=torch.bool)
     text[rows] = False
     assert torch.equal(after[1][text], after[0][text])
+
+
+def test_item_decay_to_init_pulls_rows_toward_their_start(tiny_model_and_tokenizer, tiny_items) -> None:
+    """Step 1 leaves rows where wd=0 puts them (they are at their anchor); step 2 pulls by
+    lr x wd x (row - start), and text rows never move differently."""
+    base, tok = tiny_model_and_tokenizer
+    ids = add_item_tokens(base, tok, tiny_items)
+    batch = {"search": [_item_batch(tok, ids, 1)], "rec": [_item_batch(tok, ids, 2)]}
+    runs = []
+    for wd in (0.0, 2.0):
+        model = copy.deepcopy(base)
+        built = build_method(model, GEMSConfig(method="adamw"), 0.1, item_token_ids=ids, loss="catalog",
+                             item_weight_decay=wd, item_decay_to="init")
+        weights = []
+        for _ in range(2):
+            built.train_step(batch)
+            weights.append(model.get_input_embeddings().weight.detach().clone())
+        runs.append(weights)
+    start = base.get_input_embeddings().weight.detach()
+    rows = torch.tensor(ids)
+    torch.testing.assert_close(runs[1][0], runs[0][0], atol=0, rtol=0)
+    moved = runs[0][0][rows] - start[rows]
+    assert moved.abs().max() > 0
+    torch.testing.assert_close(runs[1][1][rows] - runs[0][1][rows], -0.1 * 2.0 * moved, atol=1e-6, rtol=1e-4)
+    text = torch.ones(start.shape[0], dtype=torch.bool)
+    text[rows] = False
+    assert torch.equal(runs[1][1][text], runs[0][1][text])
+
+
+def test_item_decay_target_must_be_known() -> None:
+    with pytest.raises(ValueError, match="item_decay_to"):
+        ItemRows([], weight_decay=1.0, decay_to="mean")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- lean prompts

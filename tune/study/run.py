@@ -48,6 +48,7 @@ from tune.registry.run_params import config_params
 from tune.registry.tracking import log_run_context, parent_run, run_tags, setup_tracking
 from tune.study import results as res
 from tune.study.methods import MethodSpec
+from tune.study.ranks import write_ranks
 from tune.train.trainer import run_training
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ def study_key(cfg: JobConfig) -> str:
     payload["train"].pop("torch_threads")  # speed, not a result
     if cfg.items.init == "title":  # the map of collaborative vectors is not used: keys stay valid
         payload["items"].pop("collab_map")
+    if cfg.train.item_decay_to == "zero":  # the default of a later field: earlier keys stay valid
+        payload["train"].pop("item_decay_to")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -154,14 +157,18 @@ def load_tuned(cfg: JobConfig, checkpoint: Path, items: pl.DataFrame) -> tuple[t
 
 
 def _floor_rows(cfg: JobConfig, shard_dir: Path, test: pl.DataFrame, items: pl.DataFrame,
-                item_ids: list[str], specs: Sequence[MethodSpec]) -> tuple[list[res.Row], list[res.Timing]]:
+                item_ids: list[str], specs: Sequence[MethodSpec], out_dir: Path
+                ) -> tuple[list[res.Row], list[res.Timing]]:
     wanted = {s.method for s in specs if s.kind == "floor"}
     started = time.perf_counter()
     results = evaluate_floors(read_split(shard_dir, "train"), test, items, item_ids,
                               batch_size=cfg.eval.batch_size, mask_history_rec=cfg.eval.mask_history_rec,
                               num_negatives=cfg.eval.num_negatives, seed=cfg.data.seed, ks=cfg.eval.ks,
-                              progress=False)
+                              top_k=1, progress=False)
     elapsed = time.perf_counter() - started
+    for name, result in results.items():
+        if name in wanted:
+            write_ranks(out_dir, name, cfg.data.seed, result.top_k)
     rows = [r for name, result in results.items() if name in wanted
             for r in res.ranking_rows(name, cfg.data.seed, result.metrics)]
     timings = [res.Timing(name, cfg.data.seed, 0, 0.0, elapsed, 0.0, elapsed, math.nan)
@@ -170,7 +177,7 @@ def _floor_rows(cfg: JobConfig, shard_dir: Path, test: pl.DataFrame, items: pl.D
 
 
 def _sasrec_rows(cfg: JobConfig, shard_dir: Path, test: pl.DataFrame, items: pl.DataFrame,
-                 item_ids: list[str], specs: Sequence[MethodSpec], seed: int
+                 item_ids: list[str], specs: Sequence[MethodSpec], seed: int, out_dir: Path
                  ) -> tuple[list[res.Row], list[res.Timing], str]:
     """Fit SASRec on train (epoch picked on all val rows) with ``seed``, rank ``test``; one fit
     serves both sasrec and sasrec-bm25 (each one's timing carries the whole fit)."""
@@ -179,9 +186,11 @@ def _sasrec_rows(cfg: JobConfig, shard_dir: Path, test: pl.DataFrame, items: pl.
                               item_ids, cfg.sasrec, train_seed=seed, methods=[s.method for s in specs],
                               batch_size=cfg.eval.batch_size, mask_history_rec=cfg.eval.mask_history_rec,
                               num_negatives=cfg.eval.num_negatives, seed=cfg.data.seed, ks=cfg.eval.ks,
-                              progress=False)
+                              top_k=1, progress=False)
     fit = outcome.fit
     labels = {s.method: s.label for s in specs}
+    for name, result in outcome.results.items():
+        write_ranks(out_dir, labels[name], seed, result.top_k)
     rows = [r for name, result in outcome.results.items()
             for r in res.ranking_rows(labels[name], seed, result.metrics)]
     step_s = fit.seconds / fit.steps if fit.steps else math.nan
@@ -205,7 +214,7 @@ def _numeric(d: dict[str, Any]) -> dict[str, float]:
 
 def _run_llm(cfg: JobConfig, spec: MethodSpec, seed: int, shard_dir: Path, test: pl.DataFrame,
              items: pl.DataFrame, item_ids: list[str], base_model: torch.nn.Module, base_tokenizer: Any,
-             keep_checkpoints: bool) -> tuple[list[res.Row], res.Timing, list[dict]]:
+             keep_checkpoints: bool, out_dir: Path) -> tuple[list[res.Row], res.Timing, list[dict]]:
     """Train one method/seed on Ray Train, evaluate it on test, measure retention; log to MLflow."""
     run_cfg = spec.config(cfg, seed)
     started = time.perf_counter()
@@ -218,8 +227,10 @@ def _run_llm(cfg: JobConfig, spec: MethodSpec, seed: int, shard_dir: Path, test:
     t0 = time.perf_counter()
     tuned, tokenizer = load_tuned(run_cfg, outcome.checkpoint_path, items)
     token_ids = item_token_ids(tokenizer, item_ids)
-    result = evaluate_with_config(tuned, tokenizer, test, item_ids, token_ids, run_cfg, progress=False)
+    result = evaluate_with_config(tuned, tokenizer, test, item_ids, token_ids, run_cfg, top_k=1,
+                                  progress=False)
     eval_s = time.perf_counter() - t0
+    write_ranks(out_dir, spec.label, seed, result.top_k)
     rows = res.ranking_rows(spec.label, seed, result.metrics)
     t1 = time.perf_counter()
     retention = None
@@ -300,7 +311,7 @@ def run_comparison(cfg: JobConfig, specs: Sequence[MethodSpec], out_dir: Path, s
         files = publish()
         floors = [s for s in specs if s.kind == "floor" and (s.method, cfg.data.seed) not in done]
         if floors:
-            floor_rows, floor_timings = _floor_rows(cfg, shard_dir, test, items, item_ids, floors)
+            floor_rows, floor_timings = _floor_rows(cfg, shard_dir, test, items, item_ids, floors, out_dir)
             rows += floor_rows
             timings += floor_timings
             say(f"floors {[s.label for s in floors]} done")
@@ -312,7 +323,7 @@ def run_comparison(cfg: JobConfig, specs: Sequence[MethodSpec], out_dir: Path, s
             if todo:
                 say(f"{[s.label for s in todo]} seed {seed}: training SASRec")
                 sas_rows, sas_timings, summary = _sasrec_rows(cfg, shard_dir, test, items, item_ids,
-                                                              todo, seed)
+                                                              todo, seed, out_dir)
                 rows += sas_rows
                 timings += sas_timings
                 say(f"{[s.label for s in todo]} seed {seed}: {summary}")
@@ -328,7 +339,8 @@ def run_comparison(cfg: JobConfig, specs: Sequence[MethodSpec], out_dir: Path, s
                         continue
                     say(f"{spec.label} seed {seed}: training")
                     run_rows, timing, history = _run_llm(cfg, spec, seed, shard_dir, test, items, item_ids,
-                                                         base_model, base_tokenizer, keep_checkpoints)
+                                                         base_model, base_tokenizer, keep_checkpoints,
+                                                         out_dir)
                     rows += run_rows
                     timings.append(timing)
                     histories[(spec.label, seed)] = history

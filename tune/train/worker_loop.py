@@ -297,7 +297,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     # and LoRA's trainable item rows (peft trainable_token_indices).
     method = build_method(model, cfg.gems, tc.lr, bases, item_token_ids=new_ids, loss=tc.loss,
                           item_lr_scale=tc.item_lr_scale, item_weight_decay=tc.item_weight_decay,
-                          history_weight=tc.history_targets)
+                          item_decay_to=tc.item_decay_to, history_weight=tc.history_targets)
     train_model: torch.nn.Module = method.model
     if tc.compile:
         log.info("compiled %d decoder layers (the first step pays for compilation)",

@@ -15,6 +15,7 @@ from gems.config import ConfigError
 from gems.paths import shared_file
 from tune.config import load_config
 from tune.study.methods import parse_methods, parse_seeds
+from tune.study.ranks import read_ranks, seen_split
 from tune.study.results import COLUMNS, RANKING_METRICS, RETENTION
 from tune.study.run import expected_metrics
 
@@ -119,6 +120,21 @@ def test_results_schema_and_every_method_has_every_metric(study: tuple[Path, Pat
     for (method, task, proto), part in ranking.group_by(["method", "task", "protocol"]):
         hits = dict(part.select("metric", "value").iter_rows())
         assert hits["hit_at_1"] <= hits["hit_at_5"] <= hits["hit_at_10"], (method, task, proto)
+
+
+@pytest.mark.slow
+def test_per_row_ranks_reproduce_every_methods_full_catalog_ndcg(study: tuple[Path, Path, str]) -> None:
+    """ranks/*.parquet hold each test row's rank; their NDCG@10 is results.csv's, method by method."""
+    _, out, _ = study
+    frame = pl.read_csv(out / "results.csv").filter((pl.col("metric") == "ndcg_at_10")
+                                                     & (pl.col("protocol") == "full"))
+    ranks = read_ranks(out)
+    table = seen_split(ranks, [])  # nothing seen: one group per method, seed and task
+    assert set(table["method"]) == {s.label for s in parse_methods(ALL_METHODS)}
+    for row in table.iter_rows(named=True):
+        want = frame.filter((pl.col("method") == row["method"]) & (pl.col("task") == row["task"])
+                            & (pl.col("seed") == row["seed"]))["value"]
+        assert want.len() == 1 and row["ndcg_at_10"] == pytest.approx(want[0], abs=1e-9), row
 
 
 @pytest.mark.slow
