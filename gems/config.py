@@ -261,6 +261,11 @@ class TrainConfig(Section):
                              "this many tokens.")
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
     report_every: int = Field(10, ge=1, description="Steps between metric reports.")
+    speed_probes: bool = Field(True, description="Each report also times a fixed matmul "
+                               "(machine/*) and a no-grad forward of one fixed batch "
+                               "(train/probe_forward_s), ~0.7-1.2 s per report, so that step-time "
+                               "changes can be read against the machine's speed; off for short "
+                               "runs (the demo's 20-step trials), where it is ~6 % of the time.")
     eval_every: int | None = Field(None, ge=1, description="Steps between val evaluations "
                                    "(None = only at the end).")
     max_failures: int = Field(2, ge=0, le=100, description="Worker failures tolerated (resume "

@@ -116,9 +116,13 @@ def test_killed_worker_resumes_and_matches_uninterrupted(uninterrupted: TrainOut
 def test_resume_from_checkpoint_continues_exactly(uninterrupted: TrainOutcome, workdir: Path,
                                                   shards: Path) -> None:
     step3 = uninterrupted.checkpoint_path.parent / "checkpoint_step_000003"
-    out = run_training(_cfg(workdir), shards, run_name="resumed", resume_from=step3)
+    out = run_training(_cfg(workdir, "train.speed_probes=false"), shards, run_name="resumed",
+                       resume_from=step3)
     assert [h["step"] for h in out.history] == [2, 3, 4, 6]  # history carried over from step 3
-    assert out.parameter_digest == uninterrupted.parameter_digest
+    assert out.parameter_digest == uninterrupted.parameter_digest  # the probes never touch training
+    # reports before the resume (probes on) carry the probes; the resumed run's (off) do not
+    assert [("train/probe_forward_s" in h, "machine/matmul_bf16_ms" in h) for h in out.history] == [
+        (True, True), (True, True), (False, False), (False, False)]
 
 
 def test_collab_item_init_and_learning_metrics(ray_cluster, workdir: Path, shards: Path) -> None:

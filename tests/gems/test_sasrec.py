@@ -216,8 +216,15 @@ def test_sasrec_runs_through_the_comparison_path(tmp_path: Path) -> None:
     test = read_split(shard_dir, "test")
     specs = parse_methods("sasrec,sasrec-bm25")
     assert [s.kind for s in specs] == ["sasrec", "sasrec"]
-    rows, timings, summary = _sasrec_rows(cfg, shard_dir, test, items, item_ids, specs, seed=2)
+    from tune.study.ranks import read_ranks
+
+    rows, timings, summary = _sasrec_rows(cfg, shard_dir, test, items, item_ids, specs, seed=2,
+                                          out_dir=tmp_path / "out")
     assert "best epoch" in summary
+    ranks = read_ranks(tmp_path / "out")  # per-row test ranks beside the aggregate rows
+    for spec in specs:
+        mine = ranks.filter((pl.col("method") == spec.label) & (pl.col("seed") == 2))
+        assert mine.height == test.height and mine["rank"].min() >= 1
     frame = res.rows_frame(rows)
     assert tuple(frame.columns) == res.COLUMNS and set(frame["seed"].to_list()) == {2}
     for spec in specs:

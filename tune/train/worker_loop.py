@@ -351,9 +351,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         metrics: dict[str, Any] = {"step": done, "train/lr": current_lr(schedule),
                                    "train/precision_bf16": float(autocast_dtype is not None),
                                    "train/torch_threads": float(torch.get_num_threads()),
-                                   **window.flush(world), **machine_probe(device),
-                                   "train/probe_forward_s": forward_probe_seconds(
-                                       _unwrap(train_model), probe_batch, autocast_dtype)}
+                                   **window.flush(world)}
+        if tc.speed_probes:
+            metrics.update({**machine_probe(device), "train/probe_forward_s": forward_probe_seconds(
+                _unwrap(train_model), probe_batch, autocast_dtype)})
         if is_eval and val is not None:
             val_start = time.perf_counter()
             metrics.update(_evaluate(_unwrap(train_model), tokenizer, val, item_ids, val_token_ids, cfg,
