@@ -319,6 +319,10 @@ class EvalConfig(Section):
     retention_max_tokens: int = Field(4096, ge=64, description="Tokens of held-out general text "
                                       "for perplexity and KL.")
     mmlu_questions: int = Field(100, ge=0, description="Seeded MMLU-Redux subset size (0 = skip).")
+    bm25_fusion: bool = Field(False, description="The comparison also reports '<method>+bm25' for "
+                              "each LLM run: the same model's search rows fused with BM25 of the "
+                              "query, the weight chosen on val search rows (gems.lexical_fusion); "
+                              "ranks targets that were never a training answer.")
     val_precision: Literal["train", "fp32"] = Field(
         "train", description="Val scoring during training: 'train' runs the body at the training's "
         "precision (bf16 autocast when training uses it) with the head in fp32; 'fp32' throughout. "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 import torch
@@ -174,7 +175,11 @@ def evaluate_with_config(model: torch.nn.Module, tokenizer: object, examples: pl
     cfg.eval.max_examples subset per task."""
     subset = subsample_per_task(examples, cfg.eval.max_examples, cfg.data.seed)
     return evaluate_model(model, tokenizer, subset, item_ids, item_token_ids,
-                          max_len=cfg.train.max_seq_len, batch_size=cfg.eval.batch_size,
-                          mask_history_rec=cfg.eval.mask_history_rec,
-                          num_negatives=cfg.eval.num_negatives, seed=cfg.data.seed,
-                          ks=cfg.eval.ks, top_k=top_k, progress=progress, autocast_dtype=autocast_dtype)
+                          max_len=cfg.train.max_seq_len, top_k=top_k, progress=progress,
+                          autocast_dtype=autocast_dtype, **eval_settings(cfg))
+
+
+def eval_settings(cfg: Config) -> dict[str, Any]:
+    """The evaluate_scorer keywords cfg.eval sets (batch, masking, negatives, seed, ks)."""
+    return {"batch_size": cfg.eval.batch_size, "mask_history_rec": cfg.eval.mask_history_rec,
+            "num_negatives": cfg.eval.num_negatives, "seed": cfg.data.seed, "ks": cfg.eval.ks}

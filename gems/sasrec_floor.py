@@ -4,10 +4,9 @@ with the query).
 SASRec has no way to read a query, so plain ``sasrec`` ranks search examples from the history
 alone (what the user's behaviour predicts, whatever they typed). ``sasrec-bm25`` lets the query in
 the simplest honest way: per search example, the SASRec scores and the BM25 scores of the query
-(``gems.floors.BM25Floor``) are z-scored over the catalog and mixed,
+(``gems.floors.BM25Floor``) are mixed by ``gems.lexical_fusion``,
 ``(1 - w) * z(SASRec) + w * z(BM25)``, with ``w`` chosen on VAL search rows (or fixed in the
-config). z-scores rather than rank fusion, because BM25 on short category queries ties most of
-the catalog at 0, and z-scores let SASRec order the items inside each BM25 level. Its rec
+config). Its rec
 rankings are plain SASRec's, so both methods have both tasks and a unified metric.
 
 Both are measured by ``gems.evaluate.evaluate_scorer``, the code that measures the LLM and the
@@ -25,28 +24,12 @@ import torch
 
 from gems.evaluate import EvalResult, ScoreBatch, evaluate_scorer
 from gems.floors import BM25Floor
-from gems.metrics import full_catalog_ranks, ranking_metrics
+from gems.lexical_fusion import best_weight, bm25_scores, fused_scorer
 from gems.sasrec import SASRec, score_examples
 from gems.sasrec_config import SASRecConfig
 from gems.sasrec_train import SASRecFit, fit_sasrec
 
 SASREC_METHODS: tuple[str, ...] = ("sasrec", "sasrec-bm25")
-
-
-def zscore(scores: torch.Tensor) -> torch.Tensor:
-    """Per row (example) over the catalog; a constant row (e.g. a query no item matches) -> 0."""
-    scores = scores.double()
-    std = scores.std(dim=1, keepdim=True)
-    return ((scores - scores.mean(dim=1, keepdim=True)) / torch.where(std > 0, std, 1.0)).float()
-
-
-def fuse(sasrec: torch.Tensor, bm25: torch.Tensor, weight: float) -> torch.Tensor:
-    """(1 - weight) * z(sasrec) + weight * z(bm25); weight 0 = SASRec, 1 = BM25's order."""
-    return (1.0 - weight) * zscore(sasrec) + weight * zscore(bm25)
-
-
-def bm25_scores(bm25: BM25Floor, rows: pl.DataFrame) -> torch.Tensor:
-    return bm25.score(rows) if rows.height else torch.zeros(0, len(bm25.item_ids))
 
 
 def tune_fusion_weight(model: SASRec, bm25: BM25Floor, val: pl.DataFrame,
@@ -59,27 +42,16 @@ def tune_fusion_weight(model: SASRec, bm25: BM25Floor, val: pl.DataFrame,
                          "sasrec.search_fusion_weight")
     index = {item: i for i, item in enumerate(model.item_ids)}
     targets = torch.tensor([index[t] for t in search["target_item_id"].to_list()])
-    sas, lexical = score_examples(model, search), bm25_scores(bm25, search)
-    values = {float(w): ranking_metrics(full_catalog_ranks(fuse(sas, lexical, w), targets),
-                                        ks=(10,))["ndcg_at_10"] for w in grid}
-    best = max(values.values())
-    return min(w for w, v in values.items() if v == best), values
+    return best_weight(score_examples(model, search), bm25_scores(bm25, search), targets, grid)
 
 
 def sasrec_scorer(model: SASRec, bm25: BM25Floor | None = None, weight: float = 0.0) -> ScoreBatch:
     """A ScoreBatch: SASRec scores; search rows fused with BM25 when ``bm25`` is given."""
 
     def score(rows: pl.DataFrame) -> torch.Tensor:
-        scores = score_examples(model, rows)
-        if bm25 is None:
-            return scores
-        is_search = torch.tensor([t == "search" for t in rows["task"].to_list()], dtype=torch.bool)
-        if is_search.any():
-            search = rows.filter(pl.Series(is_search.tolist()))
-            scores[is_search] = fuse(scores[is_search], bm25_scores(bm25, search), weight)
-        return scores
+        return score_examples(model, rows)
 
-    return score
+    return score if bm25 is None else fused_scorer(score, bm25, weight)
 
 
 @dataclass

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from gems.floors import BM25Floor
+from gems.lexical_fusion import fuse, zscore
 from gems.metrics import full_catalog_ranks
 from gems.sasrec import SASRec, encode_examples, score_examples
 from gems.sasrec_config import SASRecConfig
-from gems.sasrec_floor import fuse, sasrec_scorer, tune_fusion_weight, zscore
+from gems.sasrec_floor import sasrec_scorer, tune_fusion_weight
 from gems.sasrec_train import ValSet, fit_sasrec
 from gems.sasrec_vectors import (
     fit_orthogonal_map,

@@ -147,3 +147,8 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {text!r}: need distinct non-negative integers")
     return seeds
+
+
+def fused_label(label: str) -> str:
+    """The row of an LLM run's search fused with BM25 (``eval.bm25_fusion``): ``gems`` -> ``gems+bm25``."""
+    return f"{label}+bm25"

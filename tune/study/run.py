@@ -34,6 +34,7 @@ import torch
 from gems.checkpoint import load_model_weights
 from gems.data.shards import read_items, read_manifest, read_split
 from gems.evaluate import evaluate_with_config, subsample_per_task
+from gems.evaluate_fused import evaluate_with_bm25_fusion
 from gems.floors import evaluate_floors
 from gems.metrics import flatten_metrics
 from gems.model import add_item_tokens, item_token_ids, load_backbone
@@ -47,7 +48,7 @@ from tune.local_ray import local_runtime_env
 from tune.registry.run_params import config_params
 from tune.registry.tracking import log_run_context, parent_run, run_tags, setup_tracking
 from tune.study import results as res
-from tune.study.methods import MethodSpec
+from tune.study.methods import MethodSpec, fused_label
 from tune.study.ranks import write_ranks
 from tune.train.trainer import run_training
 
@@ -103,6 +104,7 @@ def study_key(cfg: JobConfig) -> str:
         payload["items"].pop("collab_map")
     if cfg.train.item_decay_to == "zero":  # the default of a later field: earlier keys stay valid
         payload["train"].pop("item_decay_to")
+    payload["eval"].pop("bm25_fusion")  # adds '+bm25' rows, changes no other row
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -214,8 +216,9 @@ def _numeric(d: dict[str, Any]) -> dict[str, float]:
 
 def _run_llm(cfg: JobConfig, spec: MethodSpec, seed: int, shard_dir: Path, test: pl.DataFrame,
              items: pl.DataFrame, item_ids: list[str], base_model: torch.nn.Module, base_tokenizer: Any,
-             keep_checkpoints: bool, out_dir: Path) -> tuple[list[res.Row], res.Timing, list[dict]]:
-    """Train one method/seed on Ray Train, evaluate it on test, measure retention; log to MLflow."""
+             keep_checkpoints: bool, out_dir: Path) -> tuple[list[res.Row], list[res.Timing], list[dict]]:
+    """Train one method/seed on Ray Train, evaluate it on test (and fused with BM25 when
+    cfg.eval.bm25_fusion), measure retention; log to MLflow. One timing per reported label."""
     run_cfg = spec.config(cfg, seed)
     started = time.perf_counter()
     bases_path = bases_file(run_cfg, base_model, base_tokenizer)
@@ -227,20 +230,31 @@ def _run_llm(cfg: JobConfig, spec: MethodSpec, seed: int, shard_dir: Path, test:
     t0 = time.perf_counter()
     tuned, tokenizer = load_tuned(run_cfg, outcome.checkpoint_path, items)
     token_ids = item_token_ids(tokenizer, item_ids)
-    result = evaluate_with_config(tuned, tokenizer, test, item_ids, token_ids, run_cfg, top_k=1,
-                                  progress=False)
+    fusion: dict[str, float] = {}
+    if run_cfg.eval.bm25_fusion:
+        both = evaluate_with_bm25_fusion(tuned, tokenizer, test, read_split(shard_dir, "val"), items,
+                                         item_ids, token_ids, run_cfg, top_k=1)
+        results = {spec.label: both.plain, fused_label(spec.label): both.fused}
+        fusion = {"test/bm25_fusion_weight": both.weight,
+                  **{f"val/bm25_fusion_ndcg_at_10_w{w:.2f}": v for w, v in both.val_ndcg.items()}}
+    else:
+        results = {spec.label: evaluate_with_config(tuned, tokenizer, test, item_ids, token_ids, run_cfg,
+                                                    top_k=1, progress=False)}
     eval_s = time.perf_counter() - t0
-    write_ranks(out_dir, spec.label, seed, result.top_k)
-    rows = res.ranking_rows(spec.label, seed, result.metrics)
+    rows: list[res.Row] = []
+    for label, result in results.items():
+        write_ranks(out_dir, label, seed, result.top_k)
+        rows += res.ranking_rows(label, seed, result.metrics)
     t1 = time.perf_counter()
     retention = None
-    if run_cfg.eval.retention:
+    if run_cfg.eval.retention:  # one model: a '+bm25' row shares its retention
         retention = retention_with_config(base_model, tuned, tokenizer, run_cfg)
-        rows += res.retention_rows(spec.label, seed, retention)
+        rows += [r for label in results for r in res.retention_rows(label, seed, retention)]
     retention_s = time.perf_counter() - t1
     steps = [h["train/step_time_s"] for h in outcome.history if "train/step_time_s" in h]
-    timing = res.Timing(spec.label, seed, run_cfg.train.max_steps, train_s, eval_s, retention_s,
-                        time.perf_counter() - started, sum(steps) / len(steps) if steps else math.nan)
+    timings = [res.Timing(label, seed, run_cfg.train.max_steps, train_s, eval_s, retention_s,
+                          time.perf_counter() - started, sum(steps) / len(steps) if steps else math.nan)
+               for label in results]
     with mlflow.start_run(run_name=f"{spec.label} seed {seed}", nested=True,
                           tags={**run_tags(run_cfg, None), "gems.compare_label": spec.label,
                                 "gems.overrides": ";".join(spec.overrides)}):
@@ -248,7 +262,11 @@ def _run_llm(cfg: JobConfig, spec: MethodSpec, seed: int, shard_dir: Path, test:
                            **config_params(run_cfg)})
         for h in outcome.history:
             mlflow.log_metrics(_numeric(h), step=int(h.get("step", 0)))
-        mlflow.log_metrics({**flatten_metrics(result.metrics, prefix="test/"),
+        mlflow.log_metrics({**flatten_metrics(results[spec.label].metrics, prefix="test/"),
+                            **{k: v for label in results if label != spec.label
+                               for k, v in flatten_metrics(results[label].metrics,
+                                                           prefix="test_bm25_fusion/").items()},
+                            **fusion,
                             **(retention.metrics() if retention else {}),
                             "time/train_s": train_s, "time/eval_s": eval_s, "time/retention_s": retention_s})
         if retention and retention.skipped:
@@ -256,7 +274,7 @@ def _run_llm(cfg: JobConfig, spec: MethodSpec, seed: int, shard_dir: Path, test:
     del tuned
     if not keep_checkpoints:  # SmolLM2 checkpoints are ~1-2 GB each (weights + optimizer state)
         shutil.rmtree(outcome.run_path, ignore_errors=True)
-    return rows, timing, outcome.history
+    return rows, timings, outcome.history
 
 
 def _study_header(cfg: JobConfig, command: str, manifest: dict[str, Any], test: pl.DataFrame,
@@ -289,7 +307,8 @@ def run_comparison(cfg: JobConfig, specs: Sequence[MethodSpec], out_dir: Path, s
     timings = res.read_timings(out_dir / "timings.csv") if resume else []
     histories = res.read_histories(out_dir) if resume else {}
     labels = [s.label for s in specs]
-    order = list(dict.fromkeys([*(r.method for r in rows), *labels]))
+    fused = [fused_label(s.label) for s in specs if s.is_llm and cfg.eval.bm25_fusion]
+    order = list(dict.fromkeys([*(r.method for r in rows), *labels, *fused]))
     done = {(r.method, r.seed) for r in rows}
     header = _study_header(cfg, command, manifest, test, seeds)
 
@@ -338,11 +357,12 @@ def run_comparison(cfg: JobConfig, specs: Sequence[MethodSpec], out_dir: Path, s
                         skipped.append(f"{spec.label} seed {seed}")
                         continue
                     say(f"{spec.label} seed {seed}: training")
-                    run_rows, timing, history = _run_llm(cfg, spec, seed, shard_dir, test, items, item_ids,
-                                                         base_model, base_tokenizer, keep_checkpoints,
-                                                         out_dir)
+                    run_rows, run_timings, history = _run_llm(
+                        cfg, spec, seed, shard_dir, test, items, item_ids, base_model, base_tokenizer,
+                        keep_checkpoints, out_dir)
                     rows += run_rows
-                    timings.append(timing)
+                    timings += run_timings
+                    timing = run_timings[0]
                     histories[(spec.label, seed)] = history
                     res.write_history(out_dir, spec.label, seed, history)
                     files = publish()

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from gems.config import ConfigError
 from gems.paths import shared_file
 from tune.config import load_config
-from tune.study.methods import parse_methods, parse_seeds
+from tune.study.methods import fused_label, parse_methods, parse_seeds
 from tune.study.ranks import read_ranks, seen_split
 from tune.study.results import COLUMNS, RANKING_METRICS, RETENTION
 from tune.study.run import expected_metrics
@@ -80,7 +80,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     out = root / "out"
     uri = f"sqlite:///{root / 'mlflow.db'}"
     args = ["--smoke-test", "--methods", ALL_METHODS, "--out", str(out),
-            "--set", f"state_dir={root / 'state'}", "--set", f"mlflow.tracking_uri={uri}"]
+            "--set", f"state_dir={root / 'state'}", "--set", f"mlflow.tracking_uri={uri}",
+            "--set", "eval.bm25_fusion=true"]  # every LLM run also reports '<label>+bm25'
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert main(args) == 0
@@ -108,14 +109,22 @@ def test_results_schema_and_every_method_has_every_metric(study: tuple[Path, Pat
     ranking = frame.filter(pl.col("metric").is_in(RANKING_METRICS))
     assert ranking["value"].min() >= 0.0 and ranking["value"].max() <= 1.0
     retention_available = shared_file("general", "wikitext2", "test.txt") is not None
-    for spec in parse_methods(ALL_METHODS):
+    specs = parse_methods(ALL_METHODS)
+    labelled = [(s.label, s) for s in specs] + [(fused_label(s.label), s) for s in specs if s.is_llm]
+    for label, spec in labelled:
         got = {(r["task"], r["metric"], r["protocol"])
-               for r in frame.filter(pl.col("method") == spec.label).iter_rows(named=True)}
+               for r in frame.filter(pl.col("method") == label).iter_rows(named=True)}
         want = expected_metrics(spec, retention=True)
         if not retention_available:  # perplexity/MMLU need shared data; KL is always measured
             want = {w for w in want if w[0] != "general"} | {("general", "kl", RETENTION)}
             got = {g for g in got if g[0] != "general"} | {("general", "kl", RETENTION)}
-        assert got == want, spec.label
+        assert got == want, label
+    # a fused row is its model's on rec and in retention (one model, BM25 only enters search)
+    for spec in (s for s in specs if s.is_llm):
+        mine, fused = (frame.filter((pl.col("method") == m) & (pl.col("task") != "search"))
+                       .sort("task", "metric", "protocol")["value"]
+                       for m in (spec.label, fused_label(spec.label)))
+        assert mine.to_list() == fused.to_list(), spec.label
     # Hit@K is monotone in K for every method, task and protocol
     for (method, task, proto), part in ranking.group_by(["method", "task", "protocol"]):
         hits = dict(part.select("metric", "value").iter_rows())
@@ -130,7 +139,9 @@ def test_per_row_ranks_reproduce_every_methods_full_catalog_ndcg(study: tuple[Pa
                                                      & (pl.col("protocol") == "full"))
     ranks = read_ranks(out)
     table = seen_split(ranks, [])  # nothing seen: one group per method, seed and task
-    assert set(table["method"]) == {s.label for s in parse_methods(ALL_METHODS)}
+    specs = parse_methods(ALL_METHODS)
+    fused = {fused_label(s.label) for s in specs if s.is_llm}
+    assert set(table["method"]) == {s.label for s in specs} | fused
     for row in table.iter_rows(named=True):
         want = frame.filter((pl.col("method") == row["method"]) & (pl.col("task") == row["task"])
                             & (pl.col("seed") == row["seed"]))["value"]
@@ -146,7 +157,8 @@ def test_readable_table_timings_and_plots(study: tuple[Path, Path, str]) -> None
     assert "Command: `python pipelines/compare.py --smoke-test" in md
     timings = pl.read_csv(out / "timings.csv")
     trained = timings.filter(pl.col("steps") > 0)
-    assert sorted(trained["method"].to_list()) == ["adamw", "galore", "gems", "lora", "sasrec", "sasrec-bm25"]
+    assert sorted(trained["method"].to_list()) == ["adamw", "adamw+bm25", "galore", "galore+bm25", "gems",
+                                                   "gems+bm25", "lora", "lora+bm25", "sasrec", "sasrec-bm25"]
     assert (trained["train_s"] > 0).all()
     for name in ("ndcg10_full.png", "ndcg10_sampled.png", "retention.png", "conflict.png"):
         assert (out / name).stat().st_size > 1000, name
@@ -167,6 +179,8 @@ def test_mlflow_parent_with_one_child_per_llm_run_and_conflict_for_adamw_and_gem
     for child in children:
         assert "test/search/full/ndcg_at_10" in child.data.metrics
         assert "retention/kl" in child.data.metrics
+        assert 0.0 <= child.data.metrics["test/bm25_fusion_weight"] <= 1.0
+        assert "test_bm25_fusion/search/full/ndcg_at_10" in child.data.metrics
         if child.data.tags["gems.compare_label"] in ("gems", "adamw"):
             steps = client.get_metric_history(child.info.run_id, "train/conflict_before_mean_rho")
             assert len(steps) >= 2, child.data.tags["gems.compare_label"]
