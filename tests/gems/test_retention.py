@@ -170,3 +170,20 @@ def test_fallback_prompts_differ_from_basis_prompts() -> None:
         return {" ".join(p.lower().split()[:3]) for p in prompts}
 
     assert not openings(retention.FALLBACK_PROMPTS) & openings(GENERATION_PROMPTS)
+
+
+def test_fallback_windows_decode_as_one_batch_and_match_one_prompt_at_a_time(trained) -> None:
+    """The batched fallback text is each prompt's own greedy continuation: BOS + prompt + exactly
+    its new tokens, no padding left in, the same tokens as decoding that prompt alone."""
+    from gems.general_text import greedy_continuations
+
+    model, tokenizer = trained
+    prompts = ("A short one", "A much longer opening sentence about rivers and valleys", "Mid length text")
+    windows = retention.greedy_general_windows(model, tokenizer, 3 * 12, prompts)
+    pad = tokenizer.pad_token_id or tokenizer.eos_token_id or 0
+    for prompt, window in zip(prompts, windows, strict=True):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert window.shape == (1 + len(prompt_ids) + 12,)
+        assert window[0] == tokenizer.bos_token_id and window[1:1 + len(prompt_ids)].tolist() == prompt_ids
+        alone = greedy_continuations(model, tokenizer, [prompt], 12, pad, bos=True, min_new_tokens=12)[0]
+        assert torch.equal(window, alone.cpu())
