@@ -319,10 +319,15 @@ class EvalConfig(Section):
     retention_max_tokens: int = Field(4096, ge=64, description="Tokens of held-out general text "
                                       "for perplexity and KL.")
     mmlu_questions: int = Field(100, ge=0, description="Seeded MMLU-Redux subset size (0 = skip).")
-    bm25_fusion: bool = Field(False, description="The comparison also reports '<method>+bm25' for "
-                              "each LLM run: the same model's search rows fused with BM25 of the "
-                              "query, the weight chosen on val search rows (gems.lexical_fusion); "
-                              "ranks targets that were never a training answer.")
+    bm25_fusion: bool = Field(False, description="Search rankings fused with BM25 of the query, "
+                              "(1 - w) z(model) + w z(BM25) per example (gems.lexical_fusion): "
+                              "ranks targets that were never a training answer. The job reports "
+                              "the fused val search NDCG@10 (the sweep's objective) and test "
+                              "metrics, and registers a ranker that serves the fused ranking; the "
+                              "comparison adds a '<method>+bm25' row per LLM run.")
+    bm25_weight: float | None = Field(None, ge=0, le=1, description="w of bm25_fusion; None = the "
+                                      "weight among 0, 0.05, ..., 1 with the best val search "
+                                      "NDCG@10 (the smallest on ties).")
     val_precision: Literal["train", "fp32"] = Field(
         "train", description="Val scoring during training: 'train' runs the body at the training's "
         "precision (bf16 autocast when training uses it) with the head in fp32; 'fp32' throughout. "

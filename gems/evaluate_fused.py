@@ -1,8 +1,9 @@
-"""One model measured twice on the same test rows: alone, and with its search rows fused with
-BM25 of the query (``gems.lexical_fusion``), the fusion weight chosen on val search rows.
+"""One model measured twice on the same rows: alone, and with its search rows fused with BM25 of
+the query (``gems.lexical_fusion``), the fusion weight chosen on val search rows (or fixed).
 
-One forward pass per test row serves both evaluations, so the fused row costs the val search
-scoring and BM25, not a second test pass.
+One forward pass per row serves both evaluations (and the weight's choice when the evaluated rows
+are the val rows themselves, as in training's val evaluations), so the fused result costs BM25 and
+at most the val search scoring, not a second pass.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import polars as pl
 import torch
 
 from gems.config import Config
-from gems.evaluate import EvalResult, eval_settings, evaluate_scorer, model_scorer, subsample_per_task
+from gems.evaluate import (
+    EvalResult,
+    ScoreBatch,
+    eval_settings,
+    evaluate_scorer,
+    model_scorer,
+    subsample_per_task,
+)
 from gems.floors import BM25Floor
 from gems.lexical_fusion import DEFAULT_GRID, best_weight, bm25_scores, fused_scorer, memoized
 
@@ -23,37 +31,54 @@ from gems.lexical_fusion import DEFAULT_GRID, best_weight, bm25_scores, fused_sc
 class FusedEvaluation:
     plain: EvalResult
     fused: EvalResult
-    weight: float  # w in (1 - w) * z(model) + w * z(BM25), chosen on val
-    val_ndcg: dict[float, float]  # every weight's val search NDCG@10 (full catalog)
+    weight: float  # w in (1 - w) * z(model) + w * z(BM25), chosen on val (or fixed)
+    val_ndcg: dict[float, float]  # every tried weight's val search NDCG@10 (empty when fixed)
+
+    def served(self, fusion: bool) -> EvalResult:
+        """The result of the ranking a model serves with (``fusion``) or without BM25."""
+        return self.fused if fusion else self.plain
 
 
-def evaluate_with_bm25_fusion(model: torch.nn.Module, tokenizer: object, test: pl.DataFrame,
+def evaluate_with_bm25_fusion(model: torch.nn.Module, tokenizer: object, examples: pl.DataFrame,
                               val: pl.DataFrame, items: pl.DataFrame, item_ids: Sequence[str],
-                              item_token_ids: torch.Tensor, cfg: Config, *,
-                              grid: Sequence[float] = DEFAULT_GRID, top_k: int | None = None,
-                              progress: bool = False) -> FusedEvaluation:
-    """``evaluate_with_config``'s result on ``test`` (same rows, same settings) and the fused one.
+                              item_token_ids: torch.Tensor, cfg: Config, *, top_k: int | None = None,
+                              progress: bool = False,
+                              autocast_dtype: torch.dtype | None = None) -> FusedEvaluation:
+    """``evaluate_with_config``'s result on ``examples`` (same rows, same settings) and the fused one.
 
-    The val rows are cfg.eval.max_examples' seeded subset, search rows only.
+    The weight is chosen on the search rows of ``val``'s cfg.eval.max_examples seeded subset
+    (pass ``val`` = ``examples`` to evaluate on val itself: then the chosen weight's value is
+    slightly optimistic, as any choice on the rows it is reported on).
     """
-    for name, frame in (("test", test), ("val", val)):
+    for name, frame in (("evaluated", examples), ("val", val)):
         if "prompt" not in frame.columns:
             raise ValueError(f"{name} examples lack the 'prompt' column (have {frame.columns})")
     if len(item_ids) != len(item_token_ids):
         raise ValueError(f"{len(item_ids)} item ids but {len(item_token_ids)} item token ids")
     settings = eval_settings(cfg)
-    subset = subsample_per_task(test, cfg.eval.max_examples, cfg.data.seed)
-    raw = model_scorer(model, tokenizer, item_token_ids, cfg.train.max_seq_len, cfg.eval.batch_size)
+    subset = subsample_per_task(examples, cfg.eval.max_examples, cfg.data.seed)
+    raw = model_scorer(model, tokenizer, item_token_ids, cfg.train.max_seq_len, cfg.eval.batch_size,
+                       autocast_dtype)
     score = memoized(raw)
     plain = evaluate_scorer(score, subset, item_ids, top_k=top_k, progress=progress,
                             desc="evaluate model", **settings)
     bm25 = BM25Floor.fit(items, item_ids)
-    search = subsample_per_task(val, cfg.eval.max_examples, cfg.data.seed).filter(
-        pl.col("task") == "search")
-    index = {str(item): i for i, item in enumerate(item_ids)}
-    targets = torch.tensor([index[str(t)] for t in search["target_item_id"].to_list()], dtype=torch.long)
-    model_val = raw(search).detach().float().cpu() if search.height else torch.zeros(0, len(item_ids))
-    weight, values = best_weight(model_val, bm25_scores(bm25, search), targets, grid)
+    weight, values = choose_weight(score if val is examples else raw, bm25, val, item_ids, cfg)
     fused = evaluate_scorer(fused_scorer(score, bm25, weight), subset, item_ids, top_k=top_k,
                             progress=progress, desc="evaluate model+bm25", **settings)
     return FusedEvaluation(plain, fused, weight, values)
+
+
+def choose_weight(score: ScoreBatch, bm25: BM25Floor, val: pl.DataFrame, item_ids: Sequence[str],
+                  cfg: Config) -> tuple[float, dict[float, float]]:
+    """cfg.eval.bm25_weight when fixed (no values), else the best weight on the search rows of
+    ``val``'s cfg.eval.max_examples seeded subset and every tried weight's NDCG@10.
+
+    ``score`` must not be memoized on another split's rows (example ids may repeat across splits)."""
+    if cfg.eval.bm25_weight is not None:
+        return cfg.eval.bm25_weight, {}
+    search = subsample_per_task(val, cfg.eval.max_examples, cfg.data.seed).filter(pl.col("task") == "search")
+    index = {str(item): i for i, item in enumerate(item_ids)}
+    targets = torch.tensor([index[str(t)] for t in search["target_item_id"].to_list()], dtype=torch.long)
+    model_val = score(search).detach().float().cpu() if search.height else torch.zeros(0, len(item_ids))
+    return best_weight(model_val, bm25_scores(bm25, search), targets, DEFAULT_GRID)

@@ -13,6 +13,7 @@ are shared), tiny Llama, three training steps.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -53,7 +54,7 @@ E2E = ["data.source=events", "data.path=live/events", "data.items_path=live/item
        "data.num_buckets=2", "data.concurrency=1", "train.max_steps=3", "train.checkpoint_every=3",
        "train.report_every=3", "eval.max_examples=16", "eval.mmlu_questions=4",
        "eval.retention_max_tokens=128", "gems.general_max_tokens=256", f"mlflow.experiment={NAME}",
-       f"mlflow.registered_model={NAME}"]
+       f"mlflow.registered_model={NAME}", "eval.bm25_fusion=true"]  # every version serves fused search
 
 
 def _free_ports(n: int) -> list[int]:
@@ -224,6 +225,16 @@ def test_rerun_finishes_the_night_without_training_again(world: World) -> None:
         assert run.data.metrics[f"{who}/test/rec/full/count"] == run.data.metrics[
             "challenger/test/rec/full/count"]
     assert run.data.metrics["decision/promoted"] == 1.0
+    # each model was scored as it serves: search fused with BM25 at its registered weight
+    for version, who in (("1", "champion"), ("2", "challenger")):
+        root = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version}"))
+        served = json.loads((root / "artifacts" / "serving.json").read_text())
+        assert served["bm25_weight"] == pytest.approx(run.data.metrics[f"{who}/bm25_weight"])
+    # the simulator's queries are the clicked item's words: BM25 must earn a weight over a 3-step model
+    assert run.data.metrics["challenger/bm25_weight"] > 0 and run.data.metrics["champion/bm25_weight"] > 0
+    day_one = world.client.get_run(get_version(NAME, PREVIOUS).run_id)
+    assert day_one.data.metrics["test/bm25_weight"] == pytest.approx(run.data.metrics["champion/bm25_weight"])
+    assert "test/model/unified" in day_one.data.metrics
     decision = mlflow.artifacts.load_dict(f"runs:/{outcome.run_id}/decision.json")
     assert decision["verdict"] == "promoted" and decision["reasons"]
 

@@ -87,6 +87,9 @@ def test_fused_evaluation_keeps_the_plain_result_and_rec_and_tunes_on_val(
     # the queries name their targets: fused search beats a random model's
     assert both.fused.metrics["search"]["full"]["ndcg_at_10"] > alone.metrics["search"]["full"]["ndcg_at_10"]
     assert both.fused.top_k.height == test.height
-    pinned = evaluate_with_bm25_fusion(model, tokenizer, test, val, items, catalog, token_ids, cfg,
-                                       grid=[0.0])
-    assert pinned.weight == 0.0 and pinned.fused.metrics == alone.metrics
+    fixed = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"bm25_weight": 0.0})})
+    pinned = evaluate_with_bm25_fusion(model, tokenizer, test, val, items, catalog, token_ids, fixed)
+    assert pinned.weight == 0.0 and pinned.fused.metrics == alone.metrics and pinned.val_ndcg == {}
+    on_val = evaluate_with_bm25_fusion(model, tokenizer, val, val, items, catalog, token_ids, cfg)
+    fused_val = on_val.fused.metrics["search"]["full"]["ndcg_at_10"]
+    assert fused_val == pytest.approx(on_val.val_ndcg[on_val.weight])

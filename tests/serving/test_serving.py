@@ -145,6 +145,51 @@ def test_ranking_equals_evaluation(served: tuple[JobConfig, Path, Path]) -> None
             assert not set(top) & set(history[-4:]), "rec must not return items already in the history"
 
 
+def test_fused_search_ranking_equals_the_fused_evaluation(served: tuple[JobConfig, Path, Path]) -> None:
+    """bm25_weight > 0: search rows rank as gems.lexical_fusion scores them; rec rows as before."""
+    from gems.evaluate import evaluate_scorer, model_scorer
+    from gems.floors import BM25Floor
+    from gems.lexical_fusion import fused_scorer
+
+    cfg, checkpoint, items = served
+    model, tokenizer, catalog, token_ids = load_ranker_parts(checkpoint / "model", items)
+    requests = _requests(catalog.item_ids)
+    plain = ServingSettings.from_config(cfg, cfg.mlflow.top_k)
+    fused = ServingSettings.from_config(cfg, cfg.mlflow.top_k, bm25_weight=0.4)
+    ranked = rank_requests(model, tokenizer, token_ids, requests, catalog, fused, K)
+    alone = rank_requests(model, tokenizer, token_ids, requests, catalog, plain, K)
+    examples = pl.from_pandas(requests).with_columns(
+        pl.Series("prompt", build_prompts(requests, catalog, fused)),
+        pl.Series("query", [q[:cfg.data.query_max_chars] if isinstance(q, str) else None
+                            for q in requests["query"]], dtype=pl.String),
+        pl.col("history_item_ids").list.tail(fused.history_len))
+    model_alone = model_scorer(model, tokenizer, token_ids, cfg.train.max_seq_len, cfg.eval.batch_size)
+    scorer = fused_scorer(model_alone, BM25Floor.fit(pl.read_parquet(items), catalog.item_ids), 0.4)
+    expected = evaluate_scorer(scorer, examples, catalog.item_ids, batch_size=cfg.eval.batch_size, top_k=K,
+                               progress=False).top_k
+    assert expected is not None
+    assert ranked["item_ids"].tolist() == expected["top_item_ids"].to_list()
+    torch.testing.assert_close(torch.tensor(ranked["scores"].tolist()),
+                               torch.tensor(expected["top_scores"].to_list()))
+    is_rec = (requests["task"] == "rec").tolist()
+    assert [r for r, rec in zip(ranked["item_ids"], is_rec, strict=True) if rec] == \
+        [r for r, rec in zip(alone["item_ids"], is_rec, strict=True) if rec]
+    pairs = zip(ranked["item_ids"], alone["item_ids"], is_rec, strict=True)
+    assert any(a != b for a, b, rec in pairs if not rec), "the query's words must change some search ranking"
+    pyfunc = _ranker(checkpoint, items, cfg, bm25_weight=0.4).predict(None, requests.drop(
+        columns=["example_id", "target_item_id"]), params={"top_k": K})
+    assert pyfunc["item_ids"].tolist() == ranked["item_ids"].tolist()
+
+
+def test_serving_settings_without_a_fusion_weight_load_and_bad_weights_are_refused(tmp_path: Path) -> None:
+    cfg = load_config("tiny", [f"state_dir={tmp_path}"])
+    saved = json.loads(json.dumps(ServingSettings.from_config(cfg, 5).__dict__))
+    saved.pop("bm25_weight")  # a version registered before search fusion existed
+    assert ServingSettings(**saved).bm25_weight == 0.0
+    with pytest.raises(ValueError, match=r"bm25_weight must lie in \[0, 1\], got 1.5"):
+        ServingSettings.from_config(cfg, 5, bm25_weight=1.5)
+
+
 def test_adapter_and_non_model_dirs_are_refused(tmp_path: Path) -> None:
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "adapter_config.json").write_text("{}")
@@ -231,9 +276,10 @@ BAD_ROWS = [  # (task, history, query, top_k) -> what the response must say
 ]
 
 
-def _ranker(checkpoint: Path, items: Path, cfg: JobConfig) -> GemsRanker:
+def _ranker(checkpoint: Path, items: Path, cfg: JobConfig, bm25_weight: float | None = None) -> GemsRanker:
     """The pyfunc class as MLflow loads it (load_context with the logged artifacts)."""
-    settings = write_settings(ServingSettings.from_config(cfg, cfg.mlflow.top_k), checkpoint / "serving.json")
+    settings = write_settings(ServingSettings.from_config(cfg, cfg.mlflow.top_k, bm25_weight),
+                              checkpoint / "serving.json")
     ranker = GemsRanker()
     ranker.load_context(PythonModelContext(artifacts={MODEL_ARTIFACT: str(checkpoint / "model"),
                                                       ITEMS_ARTIFACT: str(items),

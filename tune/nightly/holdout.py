@@ -23,7 +23,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from gems.config import Config, ModelConfig
 from gems.data.shards import read_items, read_split
 from gems.evaluate import EvalResult, ScoreBatch, evaluate_scorer, model_scorer, subsample_per_task
+from gems.evaluate_fused import choose_weight
+from gems.floors import BM25Floor
 from gems.items import item_token
+from gems.lexical_fusion import fused_scorer
 from gems.metrics import flatten_metrics
 from gems.model import item_token_ids, load_backbone
 from gems.retention import measure_retention
@@ -62,13 +65,26 @@ def load_ranking_model(model_dir: Path, cache_root: Path) -> tuple[PreTrainedMod
     return load_backbone(ModelConfig(name_or_path=str(model_dir)), cache_root)
 
 
+@dataclass(frozen=True)
+class SearchFusion:
+    """How a model's served search ranking mixes in BM25: its catalog's text and the weight."""
+
+    items: pl.DataFrame
+    weight: float
+
+
 def catalog_scorer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, item_ids: Sequence[str],
-                   max_len: int, batch_size: int) -> tuple[ScoreBatch, int]:
-    """A scorer over the whole catalog that gives items without a token -inf; and how many it knows."""
+                   max_len: int, batch_size: int,
+                   fusion: SearchFusion | None = None) -> tuple[ScoreBatch, int]:
+    """A scorer over the whole catalog that gives items without a token -inf; and how many it knows.
+    With ``fusion`` the known items' search scores are fused with BM25 over the model's own catalog,
+    as its served ranker does."""
     vocab = tokenizer.get_vocab()
     known = [i for i, item in enumerate(item_ids) if item_token(str(item)) in vocab]
-    token_ids = item_token_ids(tokenizer, [item_ids[i] for i in known])
-    inner = model_scorer(model, tokenizer, token_ids, max_len, batch_size)
+    known_ids = [item_ids[i] for i in known]
+    inner = model_scorer(model, tokenizer, item_token_ids(tokenizer, known_ids), max_len, batch_size)
+    if fusion is not None and fusion.weight > 0 and known:
+        inner = fused_scorer(inner, BM25Floor.fit(fusion.items, known_ids), fusion.weight)
     columns = torch.tensor(known, dtype=torch.long)
 
     def score(rows: pl.DataFrame) -> torch.Tensor:
@@ -80,14 +96,33 @@ def catalog_scorer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, i
     return score, len(known)
 
 
+def challenger_fusion(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, val: pl.DataFrame,
+                      items: pl.DataFrame, cfg: Config) -> SearchFusion | None:
+    """The challenger's fusion (eval.bm25_fusion), its weight chosen on tonight's val search rows
+    whose targets it has a token for; None when fusion is off."""
+    if not cfg.eval.bm25_fusion:
+        return None
+    vocab = tokenizer.get_vocab()
+    known_ids = [str(i) for i in items["item_id"].to_list() if item_token(str(i)) in vocab]
+    score = model_scorer(model, tokenizer, item_token_ids(tokenizer, known_ids), cfg.train.max_seq_len,
+                         cfg.eval.batch_size)
+    rows = val.filter(pl.col("target_item_id").cast(pl.String).is_in(known_ids))
+    model.eval()
+    with torch.no_grad():
+        weight, _ = choose_weight(score, BM25Floor.fit(items, known_ids), rows, known_ids, cfg)
+    return SearchFusion(items=items, weight=weight)
+
+
 def holdout_examples(test: pl.DataFrame, cfg: Config) -> pl.DataFrame:
     """The seeded subset both models are evaluated on (cfg.eval.max_examples per task)."""
     return subsample_per_task(test, cfg.eval.max_examples, cfg.data.seed)
 
 
 def evaluate_on_holdout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: pl.DataFrame,
-                        item_ids: Sequence[str], cfg: Config, top_k: int | None = None) -> HoldoutResult:
-    scorer, known = catalog_scorer(model, tokenizer, item_ids, cfg.train.max_seq_len, cfg.eval.batch_size)
+                        item_ids: Sequence[str], cfg: Config, top_k: int | None = None,
+                        fusion: SearchFusion | None = None) -> HoldoutResult:
+    scorer, known = catalog_scorer(model, tokenizer, item_ids, cfg.train.max_seq_len, cfg.eval.batch_size,
+                                   fusion)
     model.eval()
     with torch.no_grad():
         result = evaluate_scorer(scorer, examples, item_ids, batch_size=cfg.eval.batch_size,
@@ -125,8 +160,11 @@ def new_item_stats(top_k: pl.DataFrame | None, examples: pl.DataFrame,
 
 
 def evaluate_night(champion_dir: str, challenger_dir: str, shard_dir: str, champion_items: str,
-                   cfg_json: dict[str, Any]) -> dict[str, float]:
-    """Both models on the holdout (+ retention); a plain dict so it can run as a Ray GPU task."""
+                   cfg_json: dict[str, Any], champion_bm25_weight: float = 0.0) -> dict[str, float]:
+    """Both models on the holdout (+ retention), each ranking as it serves: the champion's search
+    fused with BM25 at its registered weight, the challenger's at the weight chosen on tonight's
+    val rows (``challenger/bm25_weight``, which its registration serves with); a plain dict so it
+    can run as a Ray GPU task."""
     cfg = JobConfig.model_validate(cfg_json)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = cfg.resolve(cfg.model.cache_dir)
@@ -141,10 +179,16 @@ def evaluate_night(champion_dir: str, challenger_dir: str, shard_dir: str, champ
     champion.to(device)
     challenger.to(device)
     metrics: dict[str, float] = {}
-    champ = evaluate_on_holdout(champion, champion_tokenizer, examples, item_ids, cfg)
-    chall = evaluate_on_holdout(challenger, tokenizer, examples, item_ids, cfg, top_k=cfg.mlflow.top_k)
+    champion_fusion = (SearchFusion(pl.read_parquet(champion_items), champion_bm25_weight)
+                       if champion_bm25_weight > 0 else None)
+    fusion = challenger_fusion(challenger, tokenizer, read_split(shard_dir, "val"), items, cfg)
+    champ = evaluate_on_holdout(champion, champion_tokenizer, examples, item_ids, cfg, fusion=champion_fusion)
+    chall = evaluate_on_holdout(challenger, tokenizer, examples, item_ids, cfg, top_k=cfg.mlflow.top_k,
+                                fusion=fusion)
     metrics.update(champ.metrics("champion/test/"))
     metrics.update(chall.metrics("challenger/test/"))
+    metrics.update({"champion/bm25_weight": champion_bm25_weight,
+                    "challenger/bm25_weight": fusion.weight if fusion is not None else 0.0})
     metrics.update(new_item_stats(chall.result.top_k, examples, new_items))
     if cfg.eval.retention:
         metrics.update(compare_retention(champion, challenger, tokenizer, cfg).metrics)
@@ -154,7 +198,7 @@ def evaluate_night(champion_dir: str, challenger_dir: str, shard_dir: str, champ
 def run_evaluation(cfg: JobConfig, warm: WarmStart, checkpoint: Path, shard_dir: Path) -> dict[str, float]:
     """evaluate_night here on CPU clusters; on a GPU worker when training uses GPUs."""
     args = (str(warm.model_dir), str(servable_model_dir(checkpoint)), str(shard_dir), str(warm.items_path),
-            cfg.model_dump(mode="json"))
+            cfg.model_dump(mode="json"), warm.bm25_weight)
     if cfg.train.use_gpu:  # two copies of a 3B model: evaluate on a GPU worker, not the head
         task = ray.remote(num_gpus=1, num_cpus=cfg.train.cpus_per_worker)(evaluate_night)
         return ray.get(task.remote(*args))

@@ -346,7 +346,8 @@ def _run_night(cfg: JobConfig, experiment_id: str, partitions: list[str], events
         champion_scores, challenger_scores = scores_of(metrics, "champion"), scores_of(metrics, "challenger")
         version = register_once(cfg, client.get_run(active.info.run_id), checkpoint, shard_dir, tcfg,
                             version_tags(cfg, manifest, plan, active.info.run_id, parent, used, metrics),
-                            describe_night(parent, plan, metrics, None))
+                            describe_night(parent, plan, metrics, None),
+                            bm25_weight=metrics.get("challenger/bm25_weight") or None)
         mlflow.set_tag(VERSION, version.version)
         crash_point("after_register")
 

@@ -52,8 +52,9 @@ def version_tags(cfg: JobConfig, manifest: Mapping[str, Any], plan: NightPlan, r
 
 
 def register_once(cfg: JobConfig, run: Run, checkpoint: Path, shard_dir: Path, tcfg: JobConfig,
-                  tags: Mapping[str, str], description: str) -> VersionInfo:
-    """Tonight's version, registered once (found again by run id after a crash)."""
+                  tags: Mapping[str, str], description: str, bm25_weight: float | None = None) -> VersionInfo:
+    """Tonight's version, registered once (found again by run id after a crash); ``bm25_weight``:
+    the search fusion weight it was evaluated with, which it serves with."""
     name = cfg.mlflow.registered_model
     client = MlflowClient()
     known = find_versions(name, RUN_ID, run.info.run_id)
@@ -61,7 +62,8 @@ def register_once(cfg: JobConfig, run: Run, checkpoint: Path, shard_dir: Path, t
         return known[-1]
     model_uri = run.data.tags.get(MODEL_URI)
     if model_uri is None:
-        model_uri = log_ranker(checkpoint, shard_dir / "items.parquet", tcfg).model_uri
+        model_uri = log_ranker(checkpoint, shard_dir / "items.parquet", tcfg,
+                               bm25_weight=bm25_weight).model_uri
         client.set_tag(run.info.run_id, MODEL_URI, model_uri)
     return register_version(model_uri, name, tags, description, alias=None)
 

@@ -9,6 +9,7 @@ logs their tokens (title-mean initialised) while leaving the known ones as train
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from mlflow import MlflowClient
 from mlflow.models import Model
 
 from gems.config import ConfigError
-from serving.ranker import ITEMS_ARTIFACT, MODEL_ARTIFACT
+from serving.ranker import ITEMS_ARTIFACT, MODEL_ARTIFACT, SETTINGS_ARTIFACT, ServingSettings
 from tune.config import JobConfig
 from tune.nightly.plan import NightlyError
 from tune.registry.models import VersionInfo
@@ -44,6 +45,7 @@ class WarmStart:
     version: VersionInfo
     model_dir: Path  # Hugging Face dir: weights + tokenizer incl. the champion's item tokens
     items_path: Path  # the catalog the champion was trained and served with
+    bm25_weight: float = 0.0  # its search served fused with BM25 at this weight (0: the model alone)
 
 
 def _number(text: Any) -> float | int | None:
@@ -125,4 +127,8 @@ def fetch_champion(version: VersionInfo, dest: Path) -> WarmStart:
     if missing:
         raise NightlyError(f"{version.uri} lacks the {missing} artifacts of a GEMS ranker; it cannot be "
                            "warm-started (was it logged by tune.registry.models.log_ranker?)")
-    return WarmStart(version=version, model_dir=paths[MODEL_ARTIFACT], items_path=paths[ITEMS_ARTIFACT])
+    settings = paths.get(SETTINGS_ARTIFACT)
+    weight = (ServingSettings(**json.loads(settings.read_text())).bm25_weight
+              if settings is not None and settings.exists() else 0.0)
+    return WarmStart(version=version, model_dir=paths[MODEL_ARTIFACT], items_path=paths[ITEMS_ARTIFACT],
+                     bm25_weight=weight)

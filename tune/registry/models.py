@@ -42,7 +42,7 @@ from tune.registry.tracking import TAG_PREFIX
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 SERVING_MODEL_FILE = PROJECT_ROOT / "serving" / "model_file.py"  # models from code: nothing pickled
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "polars", "pandas", "numpy",
-                    "pydantic", "pyyaml", "tqdm", "mlflow")
+                    "pydantic", "pyyaml", "tqdm", "mlflow", "rank-bm25")
 
 
 class RegistryError(RuntimeError):
@@ -123,12 +123,14 @@ def servable_model_dir(checkpoint_dir: Path) -> Path:
     return model_dir
 
 
-def log_ranker(checkpoint_dir: Path, items_path: Path, cfg: JobConfig, name: str = "model") -> ModelInfo:
-    """Log the checkpoint as the ranking pyfunc under the active run; returns its ModelInfo."""
+def log_ranker(checkpoint_dir: Path, items_path: Path, cfg: JobConfig, name: str = "model",
+               bm25_weight: float | None = None) -> ModelInfo:
+    """Log the checkpoint as the ranking pyfunc under the active run; returns its ModelInfo.
+    ``bm25_weight``: the model serves search fused with BM25 at this weight (None: the model alone)."""
     model_dir = servable_model_dir(checkpoint_dir)
     items = pd.read_parquet(items_path, columns=["item_id"])
     # The default top_k fits the catalog: a request that names none must never be refused.
-    serving = ServingSettings.from_config(cfg, cfg.mlflow.top_k)
+    serving = ServingSettings.from_config(cfg, cfg.mlflow.top_k, bm25_weight)
     serving = replace(serving, top_k=min(serving.top_k, len(items)))
     with tempfile.TemporaryDirectory() as tmp:
         settings = write_settings(serving, Path(tmp) / "serving.json")

@@ -105,6 +105,8 @@ def study_key(cfg: JobConfig) -> str:
     if cfg.train.item_decay_to == "zero":  # the default of a later field: earlier keys stay valid
         payload["train"].pop("item_decay_to")
     payload["eval"].pop("bm25_fusion")  # adds '+bm25' rows, changes no other row
+    if cfg.eval.bm25_weight is None:  # a later field's default (the weight chosen on val): keys stay valid
+        payload["eval"].pop("bm25_weight")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -223,7 +225,9 @@ def _run_llm(cfg: JobConfig, spec: MethodSpec, seed: int, shard_dir: Path, test:
     started = time.perf_counter()
     bases_path = bases_file(run_cfg, base_model, base_tokenizer)
     run_name = f"{cfg.name}-compare-{res.safe_name(spec.label)}-s{seed}-{uuid.uuid4().hex[:6]}"
-    outcome = run_training(run_cfg, shard_dir, bases_path, run_name)
+    # val curves stay the model's own (the learning being compared); fusion is a test-time row here
+    train_cfg = run_cfg.model_copy(update={"eval": run_cfg.eval.model_copy(update={"bm25_fusion": False})})
+    outcome = run_training(train_cfg, shard_dir, bases_path, run_name)
     train_s = time.perf_counter() - started
     if outcome.checkpoint_path is None:
         raise RuntimeError(f"{spec.label} seed {seed}: training produced no local checkpoint")

@@ -18,8 +18,9 @@ from typing import Any
 import mlflow
 import polars as pl
 
-from gems.data.shards import read_split
+from gems.data.shards import read_items, read_split
 from gems.evaluate import evaluate_with_config
+from gems.evaluate_fused import evaluate_with_bm25_fusion
 from gems.metrics import flatten_metrics
 from gems.model import load_backbone
 from gems.retention import retention_with_config
@@ -47,6 +48,7 @@ class TestReport:
     metrics: dict[str, float]  # test/<task>/<protocol>/<metric>, test/unified, retention/*
     top_k: pl.DataFrame | None
     retention_skipped: list[str] = field(default_factory=list)
+    bm25_weight: float | None = None  # the served search fusion's weight (eval.bm25_fusion), chosen on val
 
     @property
     def unified(self) -> float:
@@ -54,20 +56,32 @@ class TestReport:
 
 
 def evaluate_checkpoint(cfg: JobConfig, checkpoint: Path, shard_dir: Path) -> TestReport:
-    """Test-split metrics (both protocols, per task) and retention vs the base backbone."""
+    """Test-split metrics (both protocols, per task) of the ranking the model serves, and retention
+    vs the base backbone. With ``eval.bm25_fusion`` the served search ranking is fused with BM25 at
+    the weight chosen on val; ``test/model/*`` then holds the model alone on the same rows."""
     model, tokenizer, catalog, token_ids = load_ranker_parts(servable_model_dir(checkpoint),
                                                              shard_dir / "items.parquet")
     test = read_split(shard_dir, "test")
-    result = evaluate_with_config(model, tokenizer, test, catalog.item_ids, token_ids, cfg,
-                                  top_k=cfg.mlflow.top_k, progress=False)
-    metrics = {"test/unified": result.unified, **flatten_metrics(result.metrics, prefix="test/")}
+    weight: float | None = None
+    if cfg.eval.bm25_fusion:
+        both = evaluate_with_bm25_fusion(model, tokenizer, test, read_split(shard_dir, "val"),
+                                         read_items(shard_dir), catalog.item_ids, token_ids, cfg,
+                                         top_k=cfg.mlflow.top_k)
+        result, weight = both.fused, both.weight
+        metrics = {"test/bm25_weight": weight, "test/model/unified": both.plain.unified,
+                   **flatten_metrics(both.plain.metrics, prefix="test/model/")}
+    else:
+        result = evaluate_with_config(model, tokenizer, test, catalog.item_ids, token_ids, cfg,
+                                      top_k=cfg.mlflow.top_k, progress=False)
+        metrics = {}
+    metrics.update({"test/unified": result.unified, **flatten_metrics(result.metrics, prefix="test/")})
     skipped: list[str] = []
     if cfg.eval.retention:
         base, _ = load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
         retention = retention_with_config(base, model, tokenizer, cfg)
         metrics.update(retention.metrics())
         skipped = list(retention.skipped)
-    return TestReport(metrics=metrics, top_k=result.top_k, retention_skipped=skipped)
+    return TestReport(metrics=metrics, top_k=result.top_k, retention_skipped=skipped, bm25_weight=weight)
 
 
 def log_test_report(report: TestReport) -> None:
@@ -105,6 +119,10 @@ def describe(best: BestTrial, report: TestReport, sweep: str, run_id: str,
              f"Val unified NDCG@10 {best.metrics.get('unified', nan):.4f}; "
              f"test unified {m['test/unified']:.4f} (search {m.get('test/search/full/ndcg_at_10', nan):.4f}, "
              f"rec {m.get('test/rec/full/ndcg_at_10', nan):.4f}), full-catalog protocol."]
+    if "test/bm25_weight" in m:
+        alone = m.get("test/model/search/full/ndcg_at_10", nan)
+        lines.append(f"Search is served fused with BM25 of the query at w {m['test/bm25_weight']:.2f} "
+                     f"(chosen on val); the model alone: search {alone:.4f}.")
     if "retention/ppl_ratio" in m:
         lines.append(f"Retention: perplexity ratio {m['retention/ppl_ratio']:.4f}, "
                      f"KL {m.get('retention/kl', 0):.4g}.")
@@ -117,7 +135,8 @@ def describe(best: BestTrial, report: TestReport, sweep: str, run_id: str,
 def register_champion(cfg: JobConfig, best: BestTrial, report: TestReport, shard_dir: Path,
                       manifest: Mapping[str, Any] | None, sweep: str, run_id: str) -> VersionInfo:
     """Log the checkpoint as the ranking pyfunc (active run), register it, make it the champion."""
-    info = log_ranker(Path(best.checkpoint_path), shard_dir / "items.parquet", cfg)
+    info = log_ranker(Path(best.checkpoint_path), shard_dir / "items.parquet", cfg,
+                      bm25_weight=report.bm25_weight)
     version = register_version(info.model_uri, cfg.mlflow.registered_model,
                                version_tags(cfg, best, report, manifest, sweep, run_id),
                                describe(best, report, sweep, run_id, manifest))

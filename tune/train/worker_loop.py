@@ -38,6 +38,7 @@ from gems.checkpoint import TrainerState, load_training_checkpoint, save_trainin
 from gems.compile import compile_decoder_layers
 from gems.config import Config
 from gems.evaluate import evaluate_with_config
+from gems.evaluate_fused import evaluate_with_bm25_fusion
 from gems.item_init import aligned_vectors, init_item_rows
 from gems.methods import build_method
 from gems.metrics import flatten_metrics
@@ -232,16 +233,17 @@ def _maybe_fail(step: int, rank: int, fail_at_step: int | None, marker: str | No
 
 
 def _load_model_with_items(cfg: Config, rank: int, vectors_path: str | None = None
-                           ) -> tuple[Any, Any, list[str], list[int]]:
+                           ) -> tuple[Any, Any, pl.DataFrame, list[int]]:
     """Backbone + the catalog's item tokens (sorted by item id: the same token ids on all ranks),
-    their rows started from collaborative vectors when ``items.init`` asks for it."""
+    their rows started from collaborative vectors when ``items.init`` asks for it; and the items
+    table in that order (BM25 of the val search rows reads its text)."""
     # Rank 0 first: it may build the backbone cache (dequantized SmolLM2) that the others reuse.
     if rank == 0:
         model, tokenizer = load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
     _barrier()
     if rank != 0:
         model, tokenizer = load_backbone(cfg.model, cfg.resolve(cfg.model.cache_dir))
-    items = dataset_frame("items", ["item_id", "title"]).sort("item_id")
+    items = dataset_frame("items").sort("item_id")
     item_ids = [str(i) for i in items["item_id"].to_list()]
     new_ids = add_item_tokens(model, tokenizer, list(zip(item_ids, items["title"].to_list(), strict=True)))
     if cfg.items.init != "title":
@@ -251,7 +253,7 @@ def _load_model_with_items(cfg: Config, rank: int, vectors_path: str | None = No
         vectors, vector_ids = load_item_vectors(vectors_path)
         init_item_rows(model, new_ids, aligned_vectors(vectors, vector_ids, item_ids), cfg.items.init,
                        cfg.items.collab_ridge, cfg.items.collab_map)
-    return model, tokenizer, item_ids, new_ids
+    return model, tokenizer, items, new_ids
 
 
 def _checkpoint_to_resume(loop_config: Mapping[str, Any]) -> ray.train.Checkpoint | None:
@@ -290,7 +292,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     seed_everything(tc.seed)
 
     vectors_path = loop_config.get("item_vectors_path")
-    model, tokenizer, item_ids, new_ids = _load_model_with_items(cfg, rank, vectors_path)
+    model, tokenizer, items, new_ids = _load_model_with_items(cfg, rank, vectors_path)
+    item_ids = [str(i) for i in items["item_id"].to_list()]
     model.to(device)
     bases = load_bases(Path(loop_config["bases_path"])) if loop_config.get("bases_path") else None
     # item_token_ids (catalog order): the catalog loss's candidates, the rows with their own lr,
@@ -357,7 +360,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 _unwrap(train_model), probe_batch, autocast_dtype)})
         if is_eval and val is not None:
             val_start = time.perf_counter()
-            metrics.update(_evaluate(_unwrap(train_model), tokenizer, val, item_ids, val_token_ids, cfg,
+            metrics.update(_evaluate(_unwrap(train_model), tokenizer, val, items, val_token_ids, cfg,
                                      autocast_dtype))
             metrics["train/val_seconds"] = time.perf_counter() - val_start
         if done == tc.max_steps:
@@ -393,12 +396,21 @@ def progress_line(metrics: Mapping[str, Any], max_steps: int) -> str:
     return " | ".join(parts)
 
 
-def _evaluate(model: torch.nn.Module, tokenizer: Any, val: pl.DataFrame, item_ids: list[str],
+def _evaluate(model: torch.nn.Module, tokenizer: Any, val: pl.DataFrame, items: pl.DataFrame,
               token_ids: torch.Tensor, cfg: Config, train_dtype: torch.dtype | None) -> dict[str, float]:
-    """Val metrics; unified = mean NDCG@10. ``eval.val_precision: train`` runs the body in the
-    training's autocast dtype and the head in fp32 (bf16 logits would tie many items), ``fp32``
-    runs it all in fp32. Scoring restores the model's train mode itself."""
+    """Val metrics; unified = mean NDCG@10 of the ranking the model would serve: with
+    ``eval.bm25_fusion`` its search rows fused with BM25 (``val/model/*``: the model alone,
+    ``val/bm25_weight``: the weight chosen on these rows). ``eval.val_precision: train`` runs the
+    body in the training's autocast dtype and the head in fp32 (bf16 logits would tie many items),
+    ``fp32`` runs it all in fp32. Scoring restores the model's train mode itself."""
     dtype = train_dtype if cfg.eval.val_precision == "train" else None
-    result = evaluate_with_config(model, tokenizer, val, item_ids, token_ids, cfg, progress=False,
-                                  autocast_dtype=dtype)
-    return {"val/unified": result.unified, **flatten_metrics(result.metrics, prefix="val/")}
+    item_ids = [str(i) for i in items["item_id"].to_list()]
+    if not cfg.eval.bm25_fusion:
+        result = evaluate_with_config(model, tokenizer, val, item_ids, token_ids, cfg, progress=False,
+                                      autocast_dtype=dtype)
+        return {"val/unified": result.unified, **flatten_metrics(result.metrics, prefix="val/")}
+    both = evaluate_with_bm25_fusion(model, tokenizer, val, val, items, item_ids, token_ids, cfg,
+                                     autocast_dtype=dtype)
+    return {"val/unified": both.fused.unified, **flatten_metrics(both.fused.metrics, prefix="val/"),
+            "val/model/unified": both.plain.unified,
+            **flatten_metrics(both.plain.metrics, prefix="val/model/"), "val/bm25_weight": both.weight}
