@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from gems.config import Config, GEMSConfig, ModelConfig
+from gems.costs import optimizer_state_mb
 from gems.methods import Method, build_method
 from gems.model import load_backbone
 from gems.nullspace import bases_for_run
@@ -48,19 +49,6 @@ def batches_for(tokens: int, vocab: int, seed: int = 0) -> dict[str, list[TaskBa
         labels[:, -1] = ids[:, -1]
         out[task] = [TaskBatch(ids, torch.ones_like(ids), labels)]
     return out
-
-
-def tensor_bytes(obj: object) -> int:
-    """Bytes of every tensor reachable in an optimizer state (dicts, lists, GaLore projector objects)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(tensor_bytes(v) for v in obj)
-    if hasattr(obj, "__dict__"):
-        return sum(tensor_bytes(v) for v in vars(obj).values())
-    return 0
 
 
 def one_pass(model: nn.Module, batches: dict[str, list[TaskBatch]]) -> None:
@@ -169,7 +157,7 @@ def rss_child(args: argparse.Namespace) -> None:
     done.set()
     sampler.join()
     print(json.dumps({"rss_before_mib": before / 2**20, "peak_rss_mib": max(peak) / 2**20,
-                      "state_mib": tensor_bytes(method.optimizer.state) / 2**20}))
+                      "state_mib": optimizer_state_mb(method.optimizer)}))
 
 
 def main() -> None:
@@ -209,7 +197,7 @@ def main() -> None:
         t0 = time.perf_counter()
         figures[label] = method_loop(method, m, batches, args.steps, warmup)
         print(f"  {label}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        state_mib[label] = tensor_bytes(method.optimizer.state) / 2**20
+        state_mib[label] = optimizer_state_mb(method.optimizer)
         del m, method
         gc.collect()
     one, two = figures["adamw"]["passes"], figures["gems"]["passes"]

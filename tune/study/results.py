@@ -57,6 +57,10 @@ class Timing:
     retention_s: float
     total_s: float
     step_s: float  # mean optimizer-step time reported by the training loop (nan for floors)
+    # the training worker's last report (nan for floors and for runs written before they existed)
+    trainable_params: float = math.nan
+    optimizer_state_mb: float = math.nan
+    peak_rss_gb: float = math.nan
 
 
 def ranking_rows(method: str, seed: int, metrics: TaskMetrics) -> list[Row]:
@@ -146,13 +150,19 @@ def markdown_table(rows: Sequence[Row], method_order: Sequence[str], header: str
 def timings_table(timings: Sequence[Timing]) -> str:
     if not timings:
         return ""
-    lines = ["\n### wall time per run (seconds)\n",
-             "| method | seed | steps | train | eval (test) | retention | total | s/step |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["\n### wall time per run (seconds) and cost\n",
+             "| method | seed | steps | train | eval (test) | retention | total | s/step "
+             "| trainable params (M) | optimizer state (MiB) | worker peak RSS (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def shown(value: float, fmt: str) -> str:
+        return "-" if math.isnan(value) else format(value, fmt)
+
     for t in timings:
-        step = "-" if math.isnan(t.step_s) else f"{t.step_s:.2f}"
         lines.append(f"| {t.method} | {t.seed} | {t.steps} | {t.train_s:.0f} | {t.eval_s:.0f} | "
-                     f"{t.retention_s:.0f} | {t.total_s:.0f} | {step} |")
+                     f"{t.retention_s:.0f} | {t.total_s:.0f} | {shown(t.step_s, '.2f')} | "
+                     f"{shown(t.trainable_params / 1e6, '.1f')} | {shown(t.optimizer_state_mb, '.0f')} | "
+                     f"{shown(t.peak_rss_gb, '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -256,8 +256,12 @@ def _run_llm(cfg: JobConfig, spec: MethodSpec, seed: int, shard_dir: Path, test:
         rows += [r for label in results for r in res.retention_rows(label, seed, retention)]
     retention_s = time.perf_counter() - t1
     steps = [h["train/step_time_s"] for h in outcome.history if "train/step_time_s" in h]
+    last = outcome.history[-1] if outcome.history else {}
+    costs = {name: float(last.get(f"train/{name}", math.nan))
+             for name in ("trainable_params", "optimizer_state_mb", "peak_rss_gb")}
     timings = [res.Timing(label, seed, run_cfg.train.max_steps, train_s, eval_s, retention_s,
-                          time.perf_counter() - started, sum(steps) / len(steps) if steps else math.nan)
+                          time.perf_counter() - started, sum(steps) / len(steps) if steps else math.nan,
+                          **costs)
                for label in results]
     with mlflow.start_run(run_name=f"{spec.label} seed {seed}", nested=True,
                           tags={**run_tags(run_cfg, None), "gems.compare_label": spec.label,

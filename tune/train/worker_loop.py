@@ -37,6 +37,7 @@ from gems.batching import LazyEncoded, MixedTaskBatcher, TokenizedExample
 from gems.checkpoint import TrainerState, load_training_checkpoint, save_training_checkpoint
 from gems.compile import compile_decoder_layers
 from gems.config import Config
+from gems.costs import optimizer_state_mb, peak_rss_gb
 from gems.evaluate import evaluate_with_config
 from gems.evaluate_fused import evaluate_with_bm25_fusion
 from gems.item_init import aligned_vectors, init_item_rows
@@ -354,7 +355,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         metrics: dict[str, Any] = {"step": done, "train/lr": current_lr(schedule),
                                    "train/precision_bf16": float(autocast_dtype is not None),
                                    "train/torch_threads": float(torch.get_num_threads()),
-                                   **window.flush(world)}
+                                   "train/trainable_params": float(method.trainable_parameters()),
+                                   "train/optimizer_state_mb": optimizer_state_mb(method.optimizer),
+                                   "train/peak_rss_gb": peak_rss_gb(), **window.flush(world)}
         if tc.speed_probes:
             metrics.update({**machine_probe(device), "train/probe_forward_s": forward_probe_seconds(
                 _unwrap(train_model), probe_batch, autocast_dtype)})

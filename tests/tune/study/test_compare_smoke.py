@@ -160,6 +160,12 @@ def test_readable_table_timings_and_plots(study: tuple[Path, Path, str]) -> None
     assert sorted(trained["method"].to_list()) == ["adamw", "adamw+bm25", "galore", "galore+bm25", "gems",
                                                    "gems+bm25", "lora", "lora+bm25", "sasrec", "sasrec-bm25"]
     assert (trained["train_s"] > 0).all()
+    llm = trained.filter(~pl.col("method").str.starts_with("sasrec"))
+    assert (llm["trainable_params"] > 0).all() and (llm["optimizer_state_mb"] > 0).all()
+    assert (llm["peak_rss_gb"] > 0.1).all()
+    params = dict(zip(llm["method"].to_list(), llm["trainable_params"].to_list(), strict=True))
+    assert params["lora"] < params["adamw"] == params["gems"]  # adapters + item rows vs every weight
+    assert "| optimizer state (MiB) |" in md
     for name in ("ndcg10_full.png", "ndcg10_sampled.png", "retention.png", "conflict.png"):
         assert (out / name).stat().st_size > 1000, name
 
