@@ -25,6 +25,7 @@ import polars as pl  # noqa: E402
 from gems.metrics import TaskMetrics  # noqa: E402
 from gems.retention import RetentionResult  # noqa: E402
 from gems.tasks import TASKS  # noqa: E402
+from tune.study.pareto import plot_pareto  # noqa: E402
 
 COLUMNS: tuple[str, ...] = ("method", "task", "metric", "protocol", "value", "seed")
 SCHEMA = {"method": pl.Utf8, "task": pl.Utf8, "metric": pl.Utf8, "protocol": pl.Utf8,
@@ -299,6 +300,7 @@ def write_plots(out_dir: Path, rows: Sequence[Row], method_order: Sequence[str],
                                   out_dir / "conflict.png"),
         "val_curves": plot_val_curves({f"{m} s{s}": h for (m, s), h in histories.items()},
                                       out_dir / "val_ndcg10.png"),
+        "pareto": plot_pareto(summarize(rows), method_order, out_dir / "pareto.png", RETENTION),
     }
     return {name: path for name, path in drawn.items() if path is not None}
 

@@ -166,7 +166,7 @@ def test_readable_table_timings_and_plots(study: tuple[Path, Path, str]) -> None
     params = dict(zip(llm["method"].to_list(), llm["trainable_params"].to_list(), strict=True))
     assert params["lora"] < params["adamw"] == params["gems"]  # adapters + item rows vs every weight
     assert "| optimizer state (MiB) |" in md
-    for name in ("ndcg10_full.png", "ndcg10_sampled.png", "retention.png", "conflict.png"):
+    for name in ("ndcg10_full.png", "ndcg10_sampled.png", "retention.png", "conflict.png", "pareto.png"):
         assert (out / name).stat().st_size > 1000, name
 
 
