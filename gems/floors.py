@@ -1,4 +1,5 @@
-"""Non-LLM floors on the same splits: most-popular items per task, and BM25 for search.
+"""Non-LLM floors on the same splits: most-popular items per task, item-kNN (gems.itemknn), and
+BM25 for search.
 
 A study that reports GEMS without these beside it proves nothing: an LLM that cannot beat
 "recommend what is popular" or a lexical query match has learned nothing useful. Both floors
@@ -17,6 +18,7 @@ import torch
 from rank_bm25 import BM25Okapi
 
 from gems.evaluate import EvalResult, evaluate_scorer
+from gems.itemknn import ItemKNNFloor
 from gems.tasks import TASKS
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -126,7 +128,7 @@ class BM25Floor:
 def evaluate_floors(train: pl.DataFrame, examples: pl.DataFrame, items: pl.DataFrame,
                     item_ids: Sequence[str] | None = None, **eval_kwargs: object
                     ) -> dict[str, EvalResult]:
-    """{"popularity": both tasks, "bm25": search only} on ``examples`` (val or test).
+    """{"popularity", "itemknn": both tasks, "bm25": search only} on ``examples`` (val or test).
 
     ``eval_kwargs`` go to ``evaluate_scorer`` (mask_history_rec, num_negatives, seed, ks, ...).
     """
@@ -134,6 +136,9 @@ def evaluate_floors(train: pl.DataFrame, examples: pl.DataFrame, items: pl.DataF
     popularity = PopularityFloor.fit(train, catalog)
     results = {"popularity": evaluate_scorer(popularity.score, examples, catalog,
                                              desc="popularity floor", **eval_kwargs)}  # type: ignore[arg-type]
+    knn = ItemKNNFloor.fit(train, catalog)
+    results["itemknn"] = evaluate_scorer(knn.score, examples, catalog, desc="item-knn floor",
+                                         **eval_kwargs)  # type: ignore[arg-type]
     search = examples.filter(pl.col("task") == "search")
     if search.height:
         bm25 = BM25Floor.fit(items, catalog)

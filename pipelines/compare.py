@@ -35,7 +35,7 @@ from tune.registry.tracking import setup_tracking  # noqa: E402
 from tune.study.methods import parse_methods, parse_seeds  # noqa: E402
 from tune.study.run import run_comparison  # noqa: E402
 
-DEFAULT_METHODS = "gems,adamw,lora,galore,popularity,bm25"
+DEFAULT_METHODS = "gems,adamw,lora,galore,popularity,itemknn,bm25"
 JOB = Job("compare", "amazon")
 
 

@@ -65,7 +65,7 @@ def test_floors_metrics_match_direct_computation() -> None:
     val = _examples(["rec", "search", "search"], ["c", "a", "b"],
                     [None, "laser toner", "desk lamp"], [["c", "b"], ["d"], []])
     results = evaluate_floors(train, val, ITEMS, num_negatives=2, seed=5, progress=False)
-    assert set(results) == {"popularity", "bm25"}
+    assert set(results) == {"popularity", "itemknn", "bm25"}
     bm25 = results["bm25"].metrics["search"]["full"]
     assert bm25["hit_at_1"] == 0.5 and bm25["count"] == 2.0  # toner query hits a; lamp misses b
     pop_scores = PopularityFloor.fit(train, CATALOG).score(val)

@@ -1,7 +1,7 @@
 """Which methods a comparison runs: parsing ``--methods`` (with ablation variants) into specs.
 
 A method is one of the four LLM training methods (gems, adamw, lora, galore), a non-LLM floor
-(popularity, bm25), the SASRec collaborative floor (sasrec, and sasrec-bm25 whose search rankings
+(popularity, itemknn, bm25), the SASRec collaborative floor (sasrec, and sasrec-bm25 whose search rankings
 fuse BM25's query match in; settings: ``--set sasrec.*``), a named GEMS ablation
 (``gems-nonull``, ...), or any LLM method with inline overrides in brackets:
 ``gems[k=0,fixed_gate=0.5]``, ``lora[lora_r=8]``, ``gems[train.lr=3e-4]``.
@@ -21,7 +21,7 @@ from gems.sasrec_floor import SASREC_METHODS
 from tune.config import JobConfig, config_from_dict
 
 LLM_METHODS: tuple[str, ...] = ("gems", "adamw", "lora", "galore")
-FLOORS: tuple[str, ...] = ("popularity", "bm25")
+FLOORS: tuple[str, ...] = ("popularity", "itemknn", "bm25")
 #: Trained on the driver once per study seed (gems.sasrec_floor), no LLM involved.
 SASREC: tuple[str, ...] = SASREC_METHODS
 

@@ -19,7 +19,7 @@ from tune.study.ranks import read_ranks, seen_split
 from tune.study.results import COLUMNS, RANKING_METRICS, RETENTION
 from tune.study.run import expected_metrics
 
-ALL_METHODS = "gems,adamw,lora,galore,popularity,bm25,sasrec,sasrec-bm25"
+ALL_METHODS = "gems,adamw,lora,galore,popularity,itemknn,bm25,sasrec,sasrec-bm25"
 
 
 # --------------------------------------------------------------------------- parsing (fast)
