@@ -47,10 +47,15 @@ class EvalResult:
         return unified_metric(self.metrics)
 
 
-def _check_examples(examples: pl.DataFrame, item_index: dict[str, int]) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in examples.columns]
+def require_columns(frame: pl.DataFrame, columns: Sequence[str], what: str = "examples") -> None:
+    """A clear error naming the columns ``frame`` lacks."""
+    missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise ValueError(f"examples lack columns {missing} (have {examples.columns})")
+        raise ValueError(f"{what} lack columns {missing} (have {frame.columns})")
+
+
+def _check_examples(examples: pl.DataFrame, item_index: dict[str, int]) -> None:
+    require_columns(examples, REQUIRED_COLUMNS)
     bad_tasks = set(examples["task"].unique().to_list()) - set(TASKS)
     if bad_tasks:
         raise ValueError(f"unknown task values {sorted(map(str, bad_tasks))}; expected {TASKS}")

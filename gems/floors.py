@@ -17,7 +17,7 @@ import polars as pl
 import torch
 from rank_bm25 import BM25Okapi
 
-from gems.evaluate import EvalResult, evaluate_scorer
+from gems.evaluate import EvalResult, evaluate_scorer, require_columns
 from gems.itemknn import ItemKNNFloor
 from gems.tasks import TASKS
 
@@ -42,9 +42,7 @@ class PopularityFloor:
 
     @classmethod
     def fit(cls, train: pl.DataFrame, item_ids: Sequence[str]) -> PopularityFloor:
-        for col in ("task", "target_item_id"):
-            if col not in train.columns:
-                raise ValueError(f"train examples lack column {col!r} (have {train.columns})")
+        require_columns(train, ("task", "target_item_id"), "train examples")
         index = {str(item): i for i, item in enumerate(item_ids)}
         counts = {task: torch.zeros(len(index), dtype=torch.float64) for task in TASKS}
         for task, target in zip(train["task"].to_list(), train["target_item_id"].to_list(),

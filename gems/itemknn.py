@@ -16,6 +16,8 @@ from itertools import permutations
 import polars as pl
 import torch
 
+from gems.evaluate import require_columns
+
 #: the popularity tie-break stays below this share of the smallest positive similarity
 TIE_BREAK_SHARE = 1e-3
 
@@ -31,9 +33,7 @@ class ItemKNNFloor:
 
     @classmethod
     def fit(cls, train: pl.DataFrame, item_ids: Sequence[str]) -> ItemKNNFloor:
-        for col in ("history_item_ids", "target_item_id"):
-            if col not in train.columns:
-                raise ValueError(f"train examples lack column {col!r} (have {train.columns})")
+        require_columns(train, ("history_item_ids", "target_item_id"), "train examples")
         index = {str(item): i for i, item in enumerate(item_ids)}
         n = len(index)
         occurrences = torch.zeros(n, dtype=torch.float64)
