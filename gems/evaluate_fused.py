@@ -24,7 +24,7 @@ from gems.evaluate import (
     subsample_per_task,
 )
 from gems.floors import BM25Floor
-from gems.lexical_fusion import DEFAULT_GRID, best_weight, bm25_scores, fused_scorer, memoized
+from gems.lexical_fusion import fused_scorer, memoized, weight_on_search_rows
 
 
 @dataclass
@@ -33,10 +33,6 @@ class FusedEvaluation:
     fused: EvalResult
     weight: float  # w in (1 - w) * z(model) + w * z(BM25), chosen on val (or fixed)
     val_ndcg: dict[float, float]  # every tried weight's val search NDCG@10 (empty when fixed)
-
-    def served(self, fusion: bool) -> EvalResult:
-        """The result of the ranking a model serves with (``fusion``) or without BM25."""
-        return self.fused if fusion else self.plain
 
 
 def evaluate_with_bm25_fusion(model: torch.nn.Module, tokenizer: object, examples: pl.DataFrame,
@@ -78,7 +74,4 @@ def choose_weight(score: ScoreBatch, bm25: BM25Floor, val: pl.DataFrame, item_id
     if cfg.eval.bm25_weight is not None:
         return cfg.eval.bm25_weight, {}
     search = subsample_per_task(val, cfg.eval.max_examples, cfg.data.seed).filter(pl.col("task") == "search")
-    index = {str(item): i for i, item in enumerate(item_ids)}
-    targets = torch.tensor([index[str(t)] for t in search["target_item_id"].to_list()], dtype=torch.long)
-    model_val = score(search).detach().float().cpu() if search.height else torch.zeros(0, len(item_ids))
-    return best_weight(model_val, bm25_scores(bm25, search), targets, DEFAULT_GRID)
+    return weight_on_search_rows(score, bm25, search, item_ids)

@@ -64,6 +64,17 @@ def best_weight(model: torch.Tensor, bm25: torch.Tensor, targets: torch.Tensor,
     return min(w for w, v in values.items() if v == best), values
 
 
+def weight_on_search_rows(score: ScoreBatch, bm25: BM25Floor, search: pl.DataFrame,
+                          item_ids: Sequence[str], grid: Sequence[float] = DEFAULT_GRID
+                          ) -> tuple[float, dict[float, float]]:
+    """:func:`best_weight` of ``score`` on ``search`` rows (targets looked up in ``item_ids``);
+    search rankings are never history-masked."""
+    index = {str(item): i for i, item in enumerate(item_ids)}
+    targets = torch.tensor([index[str(t)] for t in search["target_item_id"].to_list()], dtype=torch.long)
+    model = score(search).detach().float().cpu() if search.height else torch.zeros(0, len(item_ids))
+    return best_weight(model, bm25_scores(bm25, search), targets, grid)
+
+
 def fused_scorer(score: ScoreBatch, bm25: BM25Floor, weight: float) -> ScoreBatch:
     """``score`` with its search rows fused with BM25 at ``weight``; rec rows untouched."""
 

@@ -24,7 +24,7 @@ import torch
 
 from gems.evaluate import EvalResult, ScoreBatch, evaluate_scorer
 from gems.floors import BM25Floor
-from gems.lexical_fusion import best_weight, bm25_scores, fused_scorer
+from gems.lexical_fusion import fused_scorer, weight_on_search_rows
 from gems.sasrec import SASRec, score_examples
 from gems.sasrec_config import SASRecConfig
 from gems.sasrec_train import SASRecFit, fit_sasrec
@@ -40,9 +40,7 @@ def tune_fusion_weight(model: SASRec, bm25: BM25Floor, val: pl.DataFrame,
     if search.height == 0:
         raise ValueError("no val search rows to tune the fusion weight on; set "
                          "sasrec.search_fusion_weight")
-    index = {item: i for i, item in enumerate(model.item_ids)}
-    targets = torch.tensor([index[t] for t in search["target_item_id"].to_list()])
-    return best_weight(score_examples(model, search), bm25_scores(bm25, search), targets, grid)
+    return weight_on_search_rows(lambda rows: score_examples(model, rows), bm25, search, model.item_ids, grid)
 
 
 def sasrec_scorer(model: SASRec, bm25: BM25Floor | None = None, weight: float = 0.0) -> ScoreBatch:

@@ -142,8 +142,7 @@ def rank_requests(model: torch.nn.Module, tokenizer: Any, item_token_ids: torch.
                              "query": queries[start:stop]}, schema={"prompt": pl.String, "task": pl.String,
                                                                      "query": pl.String})
         scores = scorer(rows).detach().float().cpu()
-        exclude = exclusion_mask(list(requests["task"].iloc[start:stop]), histories[start:stop], catalog,
-                                 settings.mask_history_rec)
+        exclude = exclusion_mask(tasks[start:stop], histories[start:stop], catalog, settings.mask_history_rec)
         values, indices = scores.masked_fill(exclude, float("-inf")).topk(k, dim=1)
         out_ids.extend([[catalog.item_ids[j] for j in row.tolist()] for row in indices])
         out_scores.extend(row.tolist() for row in values)
