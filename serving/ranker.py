@@ -68,20 +68,22 @@ class Catalog:
 
     item_ids: list[str]
     titles: dict[str, str]
-    items: pl.DataFrame | None = None  # the whole table (BM25 reads title, text, category)
+    path: Path | None = None  # the items table; BM25 reads its text columns only when fusion is on
 
     @classmethod
     def from_parquet(cls, path: Path) -> Catalog:
-        items = pl.read_parquet(path).with_columns(pl.col("item_id").cast(pl.Utf8)).sort("item_id")
+        items = pl.read_parquet(path, columns=["item_id", "title"]).with_columns(
+            pl.col("item_id").cast(pl.Utf8)).sort("item_id")
         ids = items["item_id"].to_list()
         return cls(item_ids=ids, titles=dict(zip(ids, items["title"].fill_null("").to_list(), strict=True)),
-                   items=items)
+                   path=Path(path))
 
     def bm25(self) -> BM25Floor:
-        """BM25 over this catalog, columns in catalog order."""
-        if self.items is None:
+        """BM25 over this catalog's title, text and category, columns in catalog order."""
+        if self.path is None:
             raise ValueError("the catalog was built without its items table; BM25 needs item text")
-        return BM25Floor.fit(self.items, self.item_ids)
+        items = pl.read_parquet(self.path).with_columns(pl.col("item_id").cast(pl.Utf8))
+        return BM25Floor.fit(items, self.item_ids)
 
 
 def served_queries(requests: pd.DataFrame, settings: ServingSettings) -> list[str | None]:
