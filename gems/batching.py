@@ -79,8 +79,10 @@ def task_counts(batch_size: int, search_fraction: float) -> dict[str, int]:
     return {"search": n_search, "rec": batch_size - n_search}
 
 
-def collate_left_padded(examples: Sequence[TokenizedExample], pad_token_id: int) -> TaskBatch:
-    """Left padding, so every prompt's last token sits at the same position (as in scoring)."""
+def collate_left_padded(examples: Sequence[TokenizedExample], pad_token_id: int,
+                        example_weights: Sequence[float] | None = None) -> TaskBatch:
+    """Left padding, so every prompt's last token sits at the same position (as in scoring);
+    ``example_weights``: one fixed loss weight per example (FLOW), else none."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -90,10 +92,12 @@ def collate_left_padded(examples: Sequence[TokenizedExample], pad_token_id: int)
         input_ids[row, width - n:] = torch.tensor(e.input_ids, dtype=torch.long)
         labels[row, width - n:] = torch.tensor(e.labels, dtype=torch.long)
         attention_mask[row, width - n:] = 1
-    return TaskBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    weights = None if example_weights is None else torch.tensor(list(example_weights), dtype=torch.float32)
+    return TaskBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                     example_weights=weights)
 
 
-def _split_evenly(items: Sequence[TokenizedExample], parts: int) -> list[Sequence[TokenizedExample]]:
+def _split_evenly(items: Sequence[Any], parts: int) -> list[Sequence[Any]]:
     bounds = np.linspace(0, len(items), min(parts, len(items)) + 1).round().astype(int)
     return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
@@ -127,6 +131,19 @@ class MixedTaskBatcher:
             if wrong:
                 raise ValueError(f"lengths for task(s) {wrong} do not match their example counts")
         self._perms: dict[tuple[str, int], np.ndarray] = {}
+        #: per task, a fixed loss weight per example (FLOW, gems.flow_pass); None = unweighted
+        self.example_weights: dict[str, np.ndarray] | None = None
+
+    def set_example_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Give every example of every task a fixed loss weight (carried by the batches from now on)."""
+        checked = {}
+        for task in TASKS:
+            w = np.asarray(weights[task], dtype=np.float64)
+            if w.shape != (len(self.examples[task]),) or not np.isfinite(w).all() or (w < 0).any():
+                raise ValueError(f"example weights for {task} must be {len(self.examples[task])} finite "
+                                 f"values >= 0, got shape {w.shape}")
+            checked[task] = w
+        self.example_weights = checked
 
     def _permutation(self, task: str, epoch: int) -> np.ndarray:
         key = (task, epoch)
@@ -181,8 +198,13 @@ class MixedTaskBatcher:
         out = {}
         for task, idx in self.indices_at(step).items():
             chosen = [self.examples[task][i] for i in idx]
-            out[task] = [collate_left_padded(part, self.pad_token_id)
-                         for part in _split_evenly(chosen, self.grad_accum)]
+            parts = _split_evenly(chosen, self.grad_accum)
+            if self.example_weights is None:
+                out[task] = [collate_left_padded(part, self.pad_token_id) for part in parts]
+                continue
+            weights = _split_evenly([float(self.example_weights[task][i]) for i in idx], self.grad_accum)
+            out[task] = [collate_left_padded(part, self.pad_token_id, w)
+                         for part, w in zip(parts, weights, strict=True)]
         return out
 
     def position(self, step: int) -> dict[str, Any]:

@@ -300,6 +300,18 @@ class TrainConfig(Section):
         default_factory=lambda: ["search", "rec"], description="Tasks whose examples get history "
         "targets. Each task's loss is averaged over its own target weight and the tasks keep their "
         "example shares, so history targets in rec leave search's share of the step as it was.")
+    token_weighting: Literal["none", "talr", "flow"] = Field(
+        "none", description="Loss reweighting against forgetting (gems.token_weighting), every "
+        "method: talr weighs each target by p^(1/tau) under the current model (no extra pass); flow "
+        "weighs each example by exp(-l0/tau) from its loss before training (one no-grad pass over "
+        "the examples the run will see, before step 1).")
+    weighting_tau: float | None = Field(None, gt=0, le=1e6, description="tau of token_weighting; "
+                                        "None = dynamic: talr the median over a micro-batch's "
+                                        "sequences of their mean target NLL, flow each task's median "
+                                        "base loss.")
+    weighting_norm: Literal["self_norm", "mean"] = Field(
+        "self_norm", description="talr: self_norm = sum(w l) / sum(w) within each micro-batch; mean "
+        "= the plain mean's normaliser with each weight floored at 0.01.")
     length_bucket_steps: int = Field(16, ge=1, le=100_000, description="Each task's examples for "
                                      "this many consecutive steps are drawn together and grouped "
                                      "by prompt length (less padding); 1 = no bucketing.")

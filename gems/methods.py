@@ -40,6 +40,7 @@ from gems.optim import GEMSAdamW
 from gems.step import StepMethod, StepStats, TaskBatch, train_step
 from gems.subspace import target_parameter_names
 from gems.target_loss import TargetLoss
+from gems.token_weighting import TokenWeighting
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,8 @@ def _lora(model: nn.Module, cfg: GEMSConfig, item_token_ids: Sequence[int] | Non
 def build_method(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mapping[str, Tensor] | None = None,
                  item_token_ids: Sequence[int] | None = None, *, loss: str = "vocab",
                  item_lr_scale: float = 1.0, item_weight_decay: float = 0.0,
-                 item_decay_to: str = "zero", history_weight: float = 0.0) -> Method:
+                 item_decay_to: str = "zero", history_weight: float = 0.0,
+                 weighting: TokenWeighting | None = None) -> Method:
     """The method ``gems_cfg.method`` for ``model`` (build it BEFORE wrapping the model in DDP).
 
     ``bases``: null-space bases for GEMS (``gems.nullspace.bases_for_run``; ignored by baselines).
@@ -198,9 +200,11 @@ def build_method(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mappi
     ``loss="catalog"``, the rows that ``item_lr_scale`` / ``item_weight_decay`` / ``item_decay_to``
     apply to, and the extra embedding rows LoRA trains. ``history_weight``: the weight of an example's history
     item targets (``train.history_targets``; :func:`gems.target_loss.target_weights`).
+    ``weighting``: TALR/FLOW (``train.token_weighting``; :mod:`gems.token_weighting`), inside each
+    task's loss for every method.
     """
     method = _build(model, gems_cfg, lr, bases, item_token_ids)
-    method.target_loss = TargetLoss.build(loss, item_token_ids, history_weight)
+    method.target_loss = TargetLoss.build(loss, item_token_ids, history_weight, weighting)
     if item_token_ids is not None and (item_lr_scale != 1.0 or item_weight_decay > 0):
         method.item_rows = ItemRows.of_model(method.model, item_token_ids, item_lr_scale, item_weight_decay,
                                              item_decay_to)  # type: ignore[arg-type]

@@ -41,17 +41,26 @@ from gems.tasks import TASKS
 
 @dataclass(frozen=True)
 class TaskBatch:
-    """A left-padded micro-batch of one task: labels are -100 except at target tokens."""
+    """A left-padded micro-batch of one task: labels are -100 except at target tokens.
+
+    ``example_weights`` [batch]: a fixed per-example loss weight (FLOW, :mod:`gems.token_weighting`);
+    None = 1 for every row."""
 
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
+    example_weights: Tensor | None = None
 
     def __post_init__(self) -> None:
         shapes = {tuple(self.input_ids.shape), tuple(self.attention_mask.shape), tuple(self.labels.shape)}
         if len(shapes) != 1 or self.input_ids.dim() != 2:
             got = [tuple(t.shape) for t in (self.input_ids, self.attention_mask, self.labels)]
             raise ValueError(f"TaskBatch tensors must share one [batch, seq] shape, got {got}")
+        w = self.example_weights
+        if w is not None and (tuple(w.shape) != (self.input_ids.shape[0],)
+                              or not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
+            raise ValueError(f"example_weights must be {self.input_ids.shape[0]} finite weights >= 0, "
+                             f"got shape {tuple(w.shape)}")
 
     @property
     def target_tokens(self) -> int:
@@ -123,21 +132,26 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def task_ce_sum(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dtype | None = None,
-                loss: TargetLoss | None = None) -> Tensor:
-    """Summed next-token cross-entropy over the batch's target tokens (fp32 scalar with grad).
+@dataclass(frozen=True)
+class _TargetLogits:
+    """The logits at a micro-batch's target-predicting positions, flattened, with what the loss needs."""
 
-    Position ids skip the left padding (as in scoring), and the LM head runs only at positions
-    that predict a target (``logits_to_keep``), so the big-vocabulary logits stay small; under the
-    catalog loss a plain linear head computes its item rows only (:mod:`gems.catalog_head`). ``loss``
-    chooses the softmax's candidates (default: the whole vocabulary).
-    """
-    loss = loss or TargetLoss()
+    logits: Tensor       # [N, V] (or [N, n_items] with item_columns)
+    targets: Tensor      # [N] token ids, -100 = no target
+    weights: Tensor      # [N] history shares times the row's example weight
+    sequence: Tensor     # [N] the row of each position
+    item_columns: bool
+
+
+def _target_logits(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dtype | None,
+                   loss: TargetLoss) -> _TargetLogits:
     device = _device(model)
     ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device)
     shifted = batch.labels[:, 1:].to(device)
     weights = loss.weights(shifted)
+    if batch.example_weights is not None:
+        weights = weights * batch.example_weights.to(device, weights.dtype)[:, None]
     keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids,
@@ -154,8 +168,46 @@ def task_ce_sum(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dtype 
     weights = weights[:, keep] if sliced else weights
     if not sliced:
         logits = logits[:, :-1]
-    return loss.ce_sum(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), weights.reshape(-1),
-                       item_columns=item_columns)
+    sequence = torch.arange(targets.shape[0], device=device)[:, None].expand_as(targets)
+    return _TargetLogits(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), weights.reshape(-1),
+                         sequence.reshape(-1), item_columns)
+
+
+def task_ce_sum(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dtype | None = None,
+                loss: TargetLoss | None = None) -> Tensor:
+    """Summed next-token cross-entropy over the batch's target tokens (fp32 scalar with grad).
+
+    Position ids skip the left padding (as in scoring), and the LM head runs only at positions
+    that predict a target (``logits_to_keep``), so the big-vocabulary logits stay small; under the
+    catalog loss a plain linear head computes its item rows only (:mod:`gems.catalog_head`). ``loss``
+    chooses the softmax's candidates (default: the whole vocabulary) and its weighting (history
+    shares, TALR, and the batch's FLOW example weights).
+    """
+    loss = loss or TargetLoss()
+    t = _target_logits(model, batch, autocast_dtype, loss)
+    return loss.ce_sum(t.logits, t.targets, t.weights, item_columns=t.item_columns, sequence=t.sequence)
+
+
+@torch.no_grad()
+def example_losses(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dtype | None = None,
+                   loss: TargetLoss | None = None) -> Tensor:
+    """Each row's loss [batch] (fp32, no grad): the weighted mean CE of its targets (the answer, and
+    its history items' shares under ``train.history_targets``); NaN for a row without a target.
+    What FLOW weighs examples by (:mod:`gems.flow_pass`)."""
+    loss = loss or TargetLoss()
+    was_training = model.training
+    model.eval()
+    try:
+        t = _target_logits(model, batch, autocast_dtype, loss)
+    finally:
+        model.train(was_training)
+    valid = t.targets != IGNORE_INDEX
+    ce = loss.position_ce(t.logits, t.targets, t.item_columns).double()
+    rows, w = t.sequence[valid], t.weights[valid].double()
+    n = batch.input_ids.shape[0]
+    total = torch.zeros(n, dtype=torch.float64, device=ce.device).index_add_(0, rows, ce * w)
+    mass = torch.zeros(n, dtype=torch.float64, device=ce.device).index_add_(0, rows, w)
+    return torch.where(mass > 0, total / mass.clamp(min=1e-30), torch.nan).float().cpu()
 
 
 def _micro_context(model: nn.Module, index: int, count: int) -> contextlib.AbstractContextManager:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gems.prompts import IGNORE_INDEX
+from gems.token_weighting import TokenWeighting, talr_weights
 
 LossMode = Literal["catalog", "vocab"]
 LOSS_MODES: tuple[str, ...] = ("catalog", "vocab")
@@ -50,12 +51,14 @@ class TargetLoss:
     """Summed cross-entropy of target tokens over the candidates of ``mode``.
 
     ``item_token_ids`` (catalog mode): the token id of every catalog item; column ``j`` of the
-    restricted logits is item ``j``.
+    restricted logits is item ``j``. ``weighting``: TALR/FLOW (:mod:`gems.token_weighting`); TALR
+    is applied here, FLOW's per-example weights arrive with the batch.
     """
 
     mode: LossMode = "vocab"
     item_token_ids: Tensor | None = None
     history_weight: float = 0.0
+    weighting: TokenWeighting = field(default_factory=TokenWeighting)
     _lookup: dict[torch.device, Tensor] = field(default_factory=dict, init=False, repr=False,
                                                  compare=False)
 
@@ -75,9 +78,10 @@ class TargetLoss:
 
     @classmethod
     def build(cls, mode: str, item_token_ids: Tensor | list[int] | None,
-              history_weight: float = 0.0) -> TargetLoss:
+              history_weight: float = 0.0, weighting: TokenWeighting | None = None) -> TargetLoss:
         ids = None if item_token_ids is None else torch.as_tensor(item_token_ids, dtype=torch.long)
-        return cls(mode, ids if mode == "catalog" else None, history_weight)  # type: ignore[arg-type]
+        return cls(mode, ids if mode == "catalog" else None, history_weight,  # type: ignore[arg-type]
+                   weighting or TokenWeighting())
 
     def weights(self, labels: Tensor) -> Tensor:
         """:func:`target_weights` of ``labels`` [B, T] with this loss's history weight."""
@@ -102,32 +106,44 @@ class TargetLoss:
             raise ValueError(f"train.loss=catalog: target token(s) {bad} are not catalog item tokens")
         return index
 
+    def position_ce(self, logits: Tensor, targets: Tensor, item_columns: bool = False) -> Tensor:
+        """Cross-entropy (fp32) of each position whose target is not -100, in order; ``logits``
+        [N, V], ``targets`` [N] (token ids). ``item_columns``: catalog mode's logits are the item
+        rows' already, column j = item j (:mod:`gems.catalog_head`)."""
+        valid = targets != IGNORE_INDEX
+        rows = logits[valid]
+        if self.mode == "vocab":
+            return F.cross_entropy(rows.float(), targets[valid], reduction="none")
+        assert self.item_token_ids is not None
+        index = self._catalog_index(targets[valid])
+        if item_columns:
+            if logits.shape[-1] != self.item_token_ids.numel():
+                raise ValueError(f"item-column logits have {logits.shape[-1]} columns, the catalog "
+                                 f"{self.item_token_ids.numel()} items")
+            restricted = rows.float()
+        else:
+            if int(self.item_token_ids.max()) >= logits.shape[-1]:
+                raise ValueError(f"item token ids reach {int(self.item_token_ids.max())}, beyond the "
+                                 f"logits' {logits.shape[-1]} columns")
+            restricted = rows.index_select(-1, self.item_token_ids.to(rows.device)).float()
+        return F.cross_entropy(restricted, index, reduction="none")
+
     def ce_sum(self, logits: Tensor, targets: Tensor, weights: Tensor | None = None,
-               item_columns: bool = False) -> Tensor:
-        """Sum of CE over positions whose target is not -100; ``logits`` [N, V], ``targets`` [N]
-        (token ids); ``weights`` [N] (default 1) scale each position's CE (:meth:`weights`).
-        ``item_columns``: catalog mode's logits are the item rows' already, column j = item j
-        (:mod:`gems.catalog_head`)."""
+               item_columns: bool = False, sequence: Tensor | None = None) -> Tensor:
+        """Sum of CE over positions whose target is not -100 (:meth:`position_ce`); ``weights`` [N]
+        (default 1) scale each position's CE (:meth:`weights`, times FLOW's example weights);
+        ``sequence`` [N]: the row of each position, for TALR's per-sequence temperature (default:
+        every position its own row)."""
         valid = targets != IGNORE_INDEX
         if not bool(valid.any()):
             return logits.float().sum() * 0.0
-        rows = logits[valid]
-        if self.mode == "vocab":
-            ce = F.cross_entropy(rows.float(), targets[valid], reduction="none")
-        else:
-            assert self.item_token_ids is not None
-            index = self._catalog_index(targets[valid])
-            if item_columns:
-                if logits.shape[-1] != self.item_token_ids.numel():
-                    raise ValueError(f"item-column logits have {logits.shape[-1]} columns, the catalog "
-                                     f"{self.item_token_ids.numel()} items")
-                restricted = rows.float()
-            else:
-                if int(self.item_token_ids.max()) >= logits.shape[-1]:
-                    raise ValueError(f"item token ids reach {int(self.item_token_ids.max())}, beyond the "
-                                     f"logits' {logits.shape[-1]} columns")
-                restricted = rows.index_select(-1, self.item_token_ids.to(rows.device)).float()
-            ce = F.cross_entropy(restricted, index, reduction="none")
-        if weights is None:
+        ce = self.position_ce(logits, targets, item_columns)
+        if weights is None and self.weighting.mode != "talr":
             return ce.sum()
-        return (ce * weights[valid].to(ce.device, ce.dtype)).sum()
+        base = (torch.ones_like(ce) if weights is None
+                else weights.to(ce.device)[valid.to(weights.device)].to(ce.dtype))
+        if self.weighting.mode == "talr":
+            rows = (torch.arange(targets.numel(), device=ce.device) if sequence is None
+                    else sequence.to(ce.device))[valid.to(ce.device)]
+            base = base * talr_weights(ce, rows, base, self.weighting)
+        return (ce * base).sum()

@@ -10,6 +10,8 @@ Ablations (DESIGN.md section 5 switches) are methods too: named variants
 or inline overrides of any method: --methods "gems,gems[k=0],gems[fixed_gate=0.5,tau=2],lora[lora_r=8]"
 (bare keys are gems.* fields; train.lr is allowed per method; the budget - steps, batch, sequence
 length, seed, data, eval - is shared and changes only with --set, for every method at once).
+Loss reweighting against forgetting (train.token_weighting, gems/token_weighting.py) is a suffix of
+any LLM method: --methods gems+talr,adamw+talr,adamw+flow.
 SASRec (trained on the driver per seed, epoch picked on val; settings --set sasrec.*) is two methods:
   sasrec (history only) and sasrec-bm25 (search: z-score fusion with BM25, weight tuned on val):
   --methods popularity,bm25,sasrec,sasrec-bm25

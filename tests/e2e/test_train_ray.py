@@ -145,3 +145,19 @@ def test_collab_item_init_and_learning_metrics(ray_cluster, workdir: Path, shard
     assert first["train/samples_search"] == first["train/samples_rec"] == 6  # 3 per task per rank
     # the speed probes that separate a slower machine from a slower process, at every report
     assert all(h["train/probe_forward_s"] > 0 and h["machine/matmul_bf16_ms"] > 0 for h in out.history)
+
+
+def test_flow_weights_come_from_the_untrained_model_and_survive_a_failure(
+        uninterrupted: TrainOutcome, workdir: Path, shards: Path) -> None:
+    """train.token_weighting=flow on two workers: the weights are scored once before step 1 and stored
+    in every checkpoint, so a worker killed at step 5 resumes with the same weights (scoring again
+    would use the trained model) and ends with exactly the uninterrupted flow run's model."""
+    clean = run_training(_cfg(workdir, "train.token_weighting=flow"), shards, run_name="flow")
+    killed = run_training(_cfg(workdir, "train.token_weighting=flow", "train.fail_at_step=5"), shards,
+                          run_name="flow-killed")
+    assert (Path(killed.run_path) / ".fault-injected-step-5").is_file()
+    assert killed.parameter_digest == clean.parameter_digest
+    assert clean.parameter_digest != uninterrupted.parameter_digest  # the weights changed training
+    assert clean.metrics["train/replicas_identical"] == 1.0  # both ranks derived the same weights
+    assert clean.metrics["train/flow_tau_search"] > 0 and clean.metrics["train/flow_tau_rec"] > 0
+    assert clean.metrics["train/flow_pass_s"] > 0

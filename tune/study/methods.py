@@ -4,7 +4,9 @@ A method is one of the four LLM training methods (gems, adamw, lora, galore), a 
 (popularity, itemknn, bm25), the SASRec collaborative floor (sasrec, and sasrec-bm25 whose search rankings
 fuse BM25's query match in; settings: ``--set sasrec.*``), a named GEMS ablation
 (``gems-nonull``, ...), or any LLM method with inline overrides in brackets:
-``gems[k=0,fixed_gate=0.5]``, ``lora[lora_r=8]``, ``gems[train.lr=3e-4]``.
+``gems[k=0,fixed_gate=0.5]``, ``lora[lora_r=8]``, ``gems[train.lr=3e-4]``. A ``+talr`` or ``+flow``
+after the name trains that method with the loss reweighting (``train.token_weighting``):
+``gems+talr``, ``adamw+flow``, ``gems-nonull+talr[k=8]``.
 A bare key inside brackets is a ``gems.*`` field. The budget (steps, batch, sequence length,
 accumulation, seed) may only be changed for all methods at once (``--set``), never per method:
 a comparison where one method trains longer than another proves nothing.
@@ -37,6 +39,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "gems-input": ("gems.nullspace_side=input",),
     "gems-output": ("gems.nullspace_side=output",),
 }
+
+#: ``<method>+<suffix>``: the method with ``train.token_weighting`` (gems.token_weighting).
+WEIGHTING_SUFFIXES: dict[str, str] = {"talr": "train.token_weighting=talr",
+                                      "flow": "train.token_weighting=flow"}
 
 #: Fields that define the shared budget and split; per-method overrides of them are refused.
 BUDGET_FIELDS: frozenset[str] = frozenset({
@@ -103,13 +109,17 @@ def _qualified(key_value: str, label: str) -> str:
 def parse_method(label: str) -> MethodSpec:
     """One ``--methods`` entry -> MethodSpec (clear error naming what is wrong)."""
     name, _, rest = label.partition("[")
-    name = name.strip()
-    overrides: tuple[str, ...] = ()
+    name, *suffixes = [part.strip() for part in name.split("+")]
+    unknown = [x for x in suffixes if x not in WEIGHTING_SUFFIXES]
+    if unknown or len(suffixes) > 1:
+        raise ConfigError(f"method {label!r}: '+' takes one loss reweighting, one of "
+                          f"{sorted(WEIGHTING_SUFFIXES)} (got {suffixes})")
+    overrides: tuple[str, ...] = tuple(WEIGHTING_SUFFIXES[x] for x in suffixes)
     if rest:
         if not rest.endswith("]"):
             raise ConfigError(f"method {label!r}: expected name[field=value,...]")
         inner = rest[:-1]
-        overrides = tuple(_qualified(kv, label) for kv in split_method_list(inner))
+        overrides += tuple(_qualified(kv, label) for kv in split_method_list(inner))
     if name in FLOORS:
         if overrides:
             raise ConfigError(f"method {label!r}: floors take no overrides")

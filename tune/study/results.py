@@ -62,6 +62,7 @@ class Timing:
     trainable_params: float = math.nan
     optimizer_state_mb: float = math.nan
     peak_rss_gb: float = math.nan
+    tokens_per_s: float = math.nan  # prompt tokens (not padding) trained per second, mean of the reports
 
 
 def ranking_rows(method: str, seed: int, metrics: TaskMetrics) -> list[Row]:
@@ -153,8 +154,8 @@ def timings_table(timings: Sequence[Timing]) -> str:
         return ""
     lines = ["\n### wall time per run (seconds) and cost\n",
              "| method | seed | steps | train | eval (test) | retention | total | s/step "
-             "| trainable params (M) | optimizer state (MiB) | worker peak RSS (GiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| trainable params (M) | optimizer state (MiB) | worker peak RSS (GiB) | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def shown(value: float, fmt: str) -> str:
         return "-" if math.isnan(value) else format(value, fmt)
@@ -163,7 +164,7 @@ def timings_table(timings: Sequence[Timing]) -> str:
         lines.append(f"| {t.method} | {t.seed} | {t.steps} | {t.train_s:.0f} | {t.eval_s:.0f} | "
                      f"{t.retention_s:.0f} | {t.total_s:.0f} | {shown(t.step_s, '.2f')} | "
                      f"{shown(t.trainable_params / 1e6, '.1f')} | {shown(t.optimizer_state_mb, '.0f')} | "
-                     f"{shown(t.peak_rss_gb, '.2f')} |")
+                     f"{shown(t.peak_rss_gb, '.2f')} | {shown(t.tokens_per_s, '.0f')} |")
     return "\n".join(lines) + "\n"
 
 

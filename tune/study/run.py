@@ -104,6 +104,9 @@ def study_key(cfg: JobConfig) -> str:
         payload["items"].pop("collab_map")
     if cfg.train.item_decay_to == "zero":  # the default of a later field: earlier keys stay valid
         payload["train"].pop("item_decay_to")
+    if cfg.train.token_weighting == "none":  # later fields at their defaults: earlier keys stay valid
+        for name in ("token_weighting", "weighting_tau", "weighting_norm"):
+            payload["train"].pop(name)
     payload["eval"].pop("bm25_fusion")  # adds '+bm25' rows, changes no other row
     if cfg.eval.bm25_weight is None:  # a later field's default (the weight chosen on val): keys stay valid
         payload["eval"].pop("bm25_weight")
@@ -259,6 +262,8 @@ def _run_llm(cfg: JobConfig, spec: MethodSpec, seed: int, shard_dir: Path, test:
     last = outcome.history[-1] if outcome.history else {}
     costs = {name: float(last.get(f"train/{name}", math.nan))
              for name in ("trainable_params", "optimizer_state_mb", "peak_rss_gb")}
+    speeds = [h["train/tokens_per_s"] for h in outcome.history if "train/tokens_per_s" in h]
+    costs["tokens_per_s"] = sum(speeds) / len(speeds) if speeds else math.nan
     timings = [res.Timing(label, seed, run_cfg.train.max_steps, train_s, eval_s, retention_s,
                           time.perf_counter() - started, sum(steps) / len(steps) if steps else math.nan,
                           **costs)

@@ -40,6 +40,7 @@ from gems.config import Config
 from gems.costs import optimizer_state_mb, peak_rss_gb
 from gems.evaluate import evaluate_with_config
 from gems.evaluate_fused import evaluate_with_bm25_fusion
+from gems.flow_pass import base_losses, flow_example_weights
 from gems.item_init import aligned_vectors, init_item_rows
 from gems.methods import build_method
 from gems.metrics import flatten_metrics
@@ -51,7 +52,9 @@ from gems.sasrec_vectors import load_item_vectors
 from gems.schedule import build_lr_schedule, current_lr
 from gems.speed_probe import forward_probe_seconds, machine_probe
 from gems.step import StepStats
+from gems.target_loss import TargetLoss
 from gems.tasks import TASKS
+from gems.token_weighting import TokenWeighting
 from tune.config import JobConfig
 
 log = logging.getLogger(__name__)
@@ -265,6 +268,18 @@ def _checkpoint_to_resume(loop_config: Mapping[str, Any]) -> ray.train.Checkpoin
     return latest
 
 
+def _flow_pass(model: torch.nn.Module, batcher: MixedTaskBatcher, steps: int, loss: TargetLoss,
+               autocast_dtype: torch.dtype | None, batch_size: int, tau: float | None) -> dict[str, Any]:
+    """FLOW's weights from the untrained model (JSON-able: they go into every checkpoint, so a resumed
+    run reuses them instead of scoring with an already trained model)."""
+    started = time.perf_counter()
+    weights, taus = flow_example_weights(base_losses(model, batcher, steps, loss, autocast_dtype, batch_size),
+                                         tau)
+    seconds = time.perf_counter() - started
+    log.info("FLOW: scored the run's examples before training in %.0f s (tau %s)", seconds, taus)
+    return {"weights": {t: w.tolist() for t, w in weights.items()}, "tau": taus, "seconds": seconds}
+
+
 def _agreed_precision(setting: str, device: torch.device, rank: int,
                       saved: Mapping[str, Any] | None) -> tuple[torch.dtype | None, dict[str, Any]]:
     """Rank 0 decides and every rank adopts it (mixed precisions would desync replicas); a resumed
@@ -301,7 +316,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     # and LoRA's trainable item rows (peft trainable_token_indices).
     method = build_method(model, cfg.gems, tc.lr, bases, item_token_ids=new_ids, loss=tc.loss,
                           item_lr_scale=tc.item_lr_scale, item_weight_decay=tc.item_weight_decay,
-                          item_decay_to=tc.item_decay_to, history_weight=tc.history_targets)
+                          item_decay_to=tc.item_decay_to, history_weight=tc.history_targets,
+                          weighting=TokenWeighting(tc.token_weighting, tc.weighting_tau, tc.weighting_norm))
     train_model: torch.nn.Module = method.model
     if tc.compile:
         log.info("compiled %d decoder layers (the first step pays for compilation)",
@@ -323,7 +339,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     val = dataset_frame("val") if rank == 0 else None
     val_token_ids = item_token_ids(tokenizer, item_ids)
 
-    start_step, history, saved_precision = 0, [], None
+    start_step, history, saved_precision, saved_flow = 0, [], None, None
     resumed = _checkpoint_to_resume(loop_config)
     if resumed is not None:
         with resumed.as_directory() as ckpt_dir:
@@ -332,8 +348,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         start_step = batcher.resume_step(state.data_position)
         history = list(state.extra.get("history", []))
         saved_precision = state.extra.get("precision")
+        saved_flow = state.extra.get("flow")
         log.info("rank %d resumed at step %d from %s", rank, start_step, resumed.path)
     autocast_dtype, precision = _agreed_precision(tc.precision, device, rank, saved_precision)
+    flow: dict[str, Any] = {}
+    if tc.token_weighting == "flow":
+        if resumed is not None and saved_flow is None:
+            raise ValueError(f"train.token_weighting=flow cannot resume from {resumed.path}: the checkpoint "
+                             "holds no FLOW weights (written by a run without flow), and the model in it "
+                             "is no longer the untrained one they must come from")
+        flow = (dict(saved_flow) if saved_flow is not None else
+                _flow_pass(_unwrap(train_model), batcher, tc.max_steps, method.target_loss, autocast_dtype,
+                           cfg.eval.batch_size, tc.weighting_tau))
+        batcher.set_example_weights({t: np.asarray(w) for t, w in flow["weights"].items()})
 
     window = MetricWindow()
     probe_batch = next(iter(batcher.batches_at(0).values()))[0]  # one fixed micro-batch, resume-safe
@@ -358,6 +385,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                                    "train/trainable_params": float(method.trainable_parameters()),
                                    "train/optimizer_state_mb": optimizer_state_mb(method.optimizer),
                                    "train/peak_rss_gb": peak_rss_gb(), **window.flush(world)}
+        metrics.update({f"train/flow_tau_{t}": v for t, v in flow.get("tau", {}).items()})
+        if "seconds" in flow:
+            metrics["train/flow_pass_s"] = flow["seconds"]
         if tc.speed_probes:
             metrics.update({**machine_probe(device), "train/probe_forward_s": forward_probe_seconds(
                 _unwrap(train_model), probe_batch, autocast_dtype)})
@@ -375,7 +405,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             # reached the driver twice; the worker's root logger reaches it once.
             log.info(progress_line(metrics, tc.max_steps))
         state = TrainerState(step=done, data_position=batcher.position(done),
-                             extra={"history": history, "precision": precision})
+                             extra={"history": history, "precision": precision,
+                                    **({"flow": flow} if flow else {})})
         if is_ckpt:
             with _staged_checkpoint(rank, model=_unwrap(train_model), tokenizer=tokenizer,
                                     optimizer=method.optimizer, scheduler=schedule,

@@ -41,8 +41,22 @@ def test_methods_with_inline_overrides_and_named_variants() -> None:
     assert (ablated.train.max_steps, ablated.train.batch_size) == (cfg.train.max_steps, cfg.train.batch_size)
 
 
+def test_loss_reweighting_suffixes() -> None:
+    specs = parse_methods("gems+talr,adamw+flow,gems-nonull+talr[k=8],lora")
+    cfg = load_config("tiny")
+    talr, flow, ablated, plain = (s.config(cfg, 0) for s in specs)
+    assert [s.label for s in specs] == ["gems+talr", "adamw+flow", "gems-nonull+talr[k=8]", "lora"]
+    assert (talr.gems.method, talr.train.token_weighting) == ("gems", "talr")
+    assert (flow.gems.method, flow.train.token_weighting) == ("adamw", "flow")
+    assert (ablated.gems.method, ablated.gems.k, ablated.train.token_weighting) == ("gems", 8, "talr")
+    assert plain.train.token_weighting == "none"
+
+
 @pytest.mark.parametrize("text, message", [
     ("gems,sgd", "unknown method 'sgd'"),
+    ("gems+focal", "one loss reweighting"),
+    ("gems+talr+flow", "one loss reweighting"),
+    ("bm25+talr", "floors take no overrides"),
     ("gems[train.max_steps=500]", "shared budget"),
     ("gems[k=0", "unbalanced"),
     ("bm25[k1=2]", "floors take no overrides"),

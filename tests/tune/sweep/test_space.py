@@ -100,10 +100,14 @@ def test_points_to_evaluate_must_lie_in_the_space() -> None:
 def test_fields_with_fixed_values_are_searched_by_choice() -> None:
     space = {"train.loss": SearchRange(choices=["catalog", "vocab"]),
              "model.chat_template": SearchRange(choices=["auto", "none"]),
+             "train.token_weighting": SearchRange(choices=["none", "talr", "flow"]),
              "train.item_lr_scale": SearchRange(low=1.0, high=10.0, log=True)}
     dists = to_optuna(space)
     assert dists["train.loss"] == optuna.distributions.CategoricalDistribution(["catalog", "vocab"])
-    validate_points(space, [{"train.loss": "vocab", "train.item_lr_scale": 3.0}])
+    validate_points(space, [{"train.loss": "vocab", "train.item_lr_scale": 3.0,
+                             "train.token_weighting": "talr"}])
+    with pytest.raises(ConfigError, match="not among"):
+        validate_space({"train.token_weighting": SearchRange(choices=["none", "focal"])})
     with pytest.raises(ConfigError, match="not one of"):
         validate_points(space, [{"train.loss": "bpr"}])
     with pytest.raises(ConfigError, match="not among"):
