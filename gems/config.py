@@ -241,6 +241,13 @@ class TrainConfig(Section):
                                       "worker (None = cpus_per_worker). A sweep that runs one trial at "
                                       "a time keeps tune.data_cpus free for the worker's table reads "
                                       "at start-up; after them that CPU idles unless the worker uses it.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement of the worker group on the cluster (Ray placement group): "
+        "STRICT_SPREAD puts every worker on its own node, so losing one node costs one worker.")
+    worker_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray "
+                                               "resources each worker needs besides CPU/GPU, e.g. "
+                                               "{trainer_slot: 1} to keep workers on the nodes that "
+                                               "advertise it.")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto probes bf16 "
                                                        "autocast speed at start-up and records it.")
     compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes): "
@@ -315,6 +322,17 @@ class TrainConfig(Section):
     length_bucket_steps: int = Field(16, ge=1, le=100_000, description="Each task's examples for "
                                      "this many consecutive steps are drawn together and grouped "
                                      "by prompt length (less padding); 1 = no bucketing.")
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if not name or name in ("CPU", "GPU", "memory"):
+                raise ValueError(f"train.worker_resources: {name!r} is not a custom resource "
+                                 "(CPU and GPU come from cpus_per_worker and use_gpu)")
+            if not 0 < amount < float("inf"):
+                raise ValueError(f"train.worker_resources.{name} must be a number > 0, got {amount}")
+        return value
 
 
 class EvalConfig(Section):

@@ -99,7 +99,8 @@ def study_key(cfg: JobConfig) -> str:
         exclude.add("sasrec")
     payload = cfg.model_dump(mode="json", exclude=exclude)
     payload["model"].pop("attention")  # a kernel choice (same scores, tested): speed, not a result
-    payload["train"].pop("torch_threads")  # speed, not a result
+    for name in ("torch_threads", "placement_strategy", "worker_resources"):  # where and how fast, not what
+        payload["train"].pop(name)
     if cfg.items.init == "title":  # the map of collaborative vectors is not used: keys stay valid
         payload["items"].pop("collab_map")
     if cfg.train.item_decay_to == "zero":  # the default of a later field: earlier keys stay valid

@@ -100,12 +100,13 @@ def build_trainer(cfg: Config, shard_dir: Path, bases_path: Path | None, run_nam
         "fault_marker": (str(Path(storage_path(cfg)) / run_name / f".fault-injected-step-{tc.fail_at_step}")
                          if tc.fail_at_step is not None else None),
     }
-    resources = {"CPU": tc.cpus_per_worker} if not tc.use_gpu else {"CPU": tc.cpus_per_worker, "GPU": 1}
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {}), **tc.worker_resources}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=tc.placement_strategy),
         run_config=RunConfig(name=run_name, storage_path=storage_path(cfg),
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep)),

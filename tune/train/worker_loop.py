@@ -233,6 +233,26 @@ def _maybe_fail(step: int, rank: int, fail_at_step: int | None, marker: str | No
     os._exit(1)
 
 
+HOLD_AT_STEP_ENV, HOLD_DIR_ENV = "GEMS_TEST_HOLD_AT_STEP", "GEMS_TEST_HOLD_DIR"
+
+
+def _maybe_hold(step: int, rank: int) -> None:
+    """Test hook for losing a node mid-run (tests/e2e/test_multinode.py): with GEMS_TEST_HOLD_AT_STEP
+    and GEMS_TEST_HOLD_DIR set, every rank stops once before that step, writes ``hold-rank<r>``
+    (its node id) and waits for ``release`` in that dir, so a test can kill a node at a known step.
+    A restarted rank finds its marker and goes on."""
+    at, where = os.environ.get(HOLD_AT_STEP_ENV), os.environ.get(HOLD_DIR_ENV)
+    if not at or not where or step != int(at):
+        return
+    marker = Path(where) / f"hold-rank{rank}"
+    if marker.exists():
+        return
+    marker.write_text(ray.get_runtime_context().get_node_id())
+    log.warning("test hook: rank %d holds before step %d", rank, step)
+    while not (Path(where) / "release").exists():
+        time.sleep(0.2)
+
+
 # -------------------------------------------------------------------------------- the loop
 
 
@@ -366,6 +386,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     probe_batch = next(iter(batcher.batches_at(0).values()))[0]  # one fixed micro-batch, resume-safe
     for step in range(start_step, tc.max_steps):
         _maybe_fail(step + 1, rank, tc.fail_at_step, loop_config.get("fault_marker"))
+        _maybe_hold(step + 1, rank)
         done = step + 1
         is_report = done % tc.report_every == 0 or done == tc.max_steps
         is_eval = done == tc.max_steps or bool(tc.eval_every and done % tc.eval_every == 0)
