@@ -11,7 +11,12 @@ pages counted once), and the peak RSS of the largest single process.
 Targets: Ray Data throughput >= 0.5x polars on 2 cores; Ray Data's memory bounded (1M vs 4M
 events, with buckets scaled so each holds as many users).
 
+``--source qilin`` runs the same on Qilin-format logs (gems.data.qilin_synth: the simulator written in
+Qilin's CSV layout, read by the real Qilin parser) where each size is millions of *users and notes*
+(one day, ~1.3 events per user): the Qilin path at the scale of the full release (~1.9M notes).
+
 Run: .venv/bin/python tests/benchmarks/bench_preprocess.py [--sizes 1 4] [--workdir /tmp/gems-bench]
+     .venv/bin/python tests/benchmarks/bench_preprocess.py --source qilin --sizes 1 2
 """
 
 from __future__ import annotations
@@ -35,7 +40,21 @@ DAYS = 4
 ROWS_PER_FILE = 250_000  # same input unit at every size: a Ray task's input does not grow with data
 
 
-def _overrides(workdir: Path, millions: int, buckets: int, out: str) -> list[str]:
+QILIN_EVENTS_PER_USER = 1.0  # (+30% impressions): ~1.3 events per user and day, one day
+
+
+def _qilin_params(millions: int) -> object:
+    from gems.data.simulate import SimulationParams
+
+    return SimulationParams(users=1_000_000 * millions, items=1_000_000 * millions, days=1, seed=0,
+                            events_per_user_day=QILIN_EVENTS_PER_USER)
+
+
+def _overrides(workdir: Path, millions: int, buckets: int, out: str, source: str = "synthetic") -> list[str]:
+    if source == "qilin":
+        return [f"state_dir={workdir}", "data.source=qilin", f"data.path=raw/qilin-{millions}m",
+                f"data.num_buckets={buckets}", "data.now_ts=1800000000", f"data.output_dir={out}",
+                "data.history_len=10"]
     return [f"state_dir={workdir}", "data.source=synthetic", f"data.path=raw/{millions}m",
             f"data.synthetic_users={USERS_PER_MILLION * millions}",
             f"data.synthetic_items={USERS_PER_MILLION * millions}", f"data.synthetic_days={DAYS}",
@@ -78,11 +97,12 @@ class TreeMemory:
         self._thread.join()
 
 
-def worker(engine: str, workdir: Path, millions: int, repeats: int) -> dict:
+def worker(engine: str, workdir: Path, millions: int, repeats: int, source: str = "synthetic") -> dict:
     from tune.config import load_config
 
     buckets = BUCKETS_PER_MILLION * millions if engine == "ray" else 1
-    cfg = load_config("tiny", _overrides(workdir, millions, buckets, f"out/{engine}-{millions}m"))
+    cfg = load_config("tiny", _overrides(workdir, millions, buckets, f"out/{source}-{engine}-{millions}m",
+                                         source))
     times, manifest, memory = [], {}, None
     if engine == "ray":
         import ray
@@ -112,9 +132,18 @@ def worker(engine: str, workdir: Path, millions: int, repeats: int) -> dict:
             "fingerprint": manifest["fingerprint"], **mem}
 
 
-def _simulate(workdir: Path, millions: int) -> float:
+def _simulate(workdir: Path, millions: int, source: str = "synthetic") -> float:
     from gems.data.simulate import SimulationParams, simulate
 
+    if source == "qilin":
+        from gems.data.qilin_synth import QILIN_MARKER, write_qilin
+
+        target = workdir / "raw" / f"qilin-{millions}m"
+        if (target / QILIN_MARKER).exists():
+            return float("nan")
+        t0 = time.perf_counter()
+        write_qilin(target, _qilin_params(millions))  # type: ignore[arg-type]
+        return time.perf_counter() - t0
     target = workdir / "raw" / f"{millions}m"
     if (target / "simulation.json").exists():
         return float("nan")
@@ -125,9 +154,9 @@ def _simulate(workdir: Path, millions: int) -> float:
     return time.perf_counter() - t0
 
 
-def _run(engine: str, workdir: Path, millions: int, repeats: int) -> dict:
+def _run(engine: str, workdir: Path, millions: int, repeats: int, source: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--workdir", str(workdir), "--sizes",
-           str(millions), "--repeats", str(repeats)]
+           str(millions), "--repeats", str(repeats), "--source", source]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
     if res.returncode != 0:
         raise RuntimeError(f"{engine} {millions}M failed:\n{res.stderr[-3000:]}")
@@ -139,18 +168,21 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4], help="millions of events (approx.)")
     ap.add_argument("--workdir", default="/tmp/gems-bench-preprocess")
     ap.add_argument("--repeats", type=int, default=2, help="runs per engine; the last (warm) counts")
+    ap.add_argument("--source", choices=["synthetic", "qilin"], default="synthetic",
+                    help="qilin: sizes are millions of users and notes in Qilin's CSV layout")
     ap.add_argument("--worker", choices=["ray", "polars"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     workdir = Path(args.workdir)
     if args.worker:
-        print(json.dumps(worker(args.worker, workdir, args.sizes[0], args.repeats)))
+        print(json.dumps(worker(args.worker, workdir, args.sizes[0], args.repeats, args.source)))
         return
     rows = []
+    unit = "M users and notes (Qilin layout)" if args.source == "qilin" else "M events"
     for millions in args.sizes:
-        sim_s = _simulate(workdir, millions)
-        print(f"simulated ~{millions}M events in {sim_s:.1f} s", flush=True)
+        sim_s = _simulate(workdir, millions, args.source)
+        print(f"wrote ~{millions}{unit} in {sim_s:.1f} s", flush=True)
         for engine in ("polars", "ray"):
-            r = _run(engine, workdir, millions, args.repeats)
+            r = _run(engine, workdir, millions, args.repeats, args.source)
             rows.append(r)
             print(json.dumps(r), flush=True)
     print("\nevents     engine  buckets  cold s  warm s  ev/s (warm)  memory")
