@@ -27,12 +27,12 @@ SEARCH_CUE = "Clicked item:"
 #: defined here, where labels are made, and imported by the batching, step and loss modules.
 IGNORE_INDEX = -100
 
-_PROMPT = re.compile(
+PROMPT_PARTS = re.compile(
     r"^(?P<head>\[(?:rec|search)\] History: )(?P<body>.*?)"
     r"(?P<tail>\. (?:" + re.escape(REC_CUE) + r"|Query: .*\. " + re.escape(SEARCH_CUE) + r"))$",
     re.DOTALL,
 )
-_ENTRY_SPLIT = re.compile(re.escape(HISTORY_SEP) + r"(?=" + re.escape(ITEM_TOKEN_PREFIX) + r")")
+ENTRY_SPLIT = re.compile(re.escape(HISTORY_SEP) + r"(?=" + re.escape(ITEM_TOKEN_PREFIX) + r")")
 
 
 def short_title(title: str | None, title_max_words: int) -> str:
@@ -79,7 +79,7 @@ def format_prompt(task: str, history: Sequence[tuple[str, str]], query: str | No
 _SENTINEL = "\x00GEMS_PROMPT\x00"
 
 
-def _user_turn_template(tokenizer: Any) -> tuple[str, str] | None:
+def user_turn_template(tokenizer: Any) -> tuple[str, str] | None:
     """(prefix, suffix) of a user turn in the backbone's chat template, without the system prompt
     the template injects by default; None when the tokenizer has no chat template.
 
@@ -119,7 +119,7 @@ def _user_turn_template(tokenizer: Any) -> tuple[str, str] | None:
 def _render(tokenizer: Any, text: str) -> list[int]:
     """Token ids of ``text`` as the backbone expects a user turn: inside its chat template when it
     has one (user turn + generation prompt, no injected system prompt), else plain text after BOS."""
-    turn = _user_turn_template(tokenizer)
+    turn = user_turn_template(tokenizer)
     if turn is not None:
         return list(tokenizer(turn[0] + text + turn[1], add_special_tokens=False)["input_ids"])
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -137,11 +137,11 @@ def encode_prompt(tokenizer: Any, prompt: str, max_len: int) -> list[int]:
     ids = _render(tokenizer, prompt)
     if len(ids) <= max_len:
         return ids
-    parts = _PROMPT.match(prompt)
+    parts = PROMPT_PARTS.match(prompt)
     if parts is None:
         return ids[-max_len:]
     body = parts["body"]
-    entries = [] if body == EMPTY_HISTORY else _ENTRY_SPLIT.split(body)
+    entries = [] if body == EMPTY_HISTORY else ENTRY_SPLIT.split(body)
     lo, hi = 0, len(entries) - 1  # most recent entries kept: find the largest count that fits
     best = _render(tokenizer, _assemble(parts["head"], [], parts["tail"]))
     if len(best) > max_len:
