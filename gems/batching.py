@@ -108,7 +108,8 @@ class MixedTaskBatcher:
     def __init__(self, examples: Mapping[str, Sequence[TokenizedExample]], *, batch_size: int,
                  search_fraction: float, grad_accum: int, seed: int, pad_token_id: int,
                  rank: int = 0, world_size: int = 1, lengths: Mapping[str, Sequence[int]] | None = None,
-                 bucket_steps: int = 1) -> None:
+                 bucket_steps: int = 1,
+                 collate: Callable[[Sequence[Any], int], Any] = collate_left_padded) -> None:
         missing = [t for t in TASKS if len(examples.get(t, ())) == 0]
         if missing:
             raise ValueError(f"no train examples for task(s) {missing}: every step needs both "
@@ -120,6 +121,7 @@ class MixedTaskBatcher:
         self.examples = {t: examples[t] for t in TASKS}
         self.per_rank = task_counts(batch_size, search_fraction)
         self.grad_accum, self.seed, self.pad_token_id = grad_accum, seed, pad_token_id
+        self.collate = collate  # examples -> one micro-batch (DPMoE's dual views have their own)
         self.rank, self.world_size = rank, world_size
         if bucket_steps < 1:
             raise ValueError(f"train.length_bucket_steps must be >= 1, got {bucket_steps}")
@@ -136,6 +138,8 @@ class MixedTaskBatcher:
 
     def set_example_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Give every example of every task a fixed loss weight (carried by the batches from now on)."""
+        if self.collate is not collate_left_padded:
+            raise ValueError("example weights need the default collate (TaskBatch carries them)")
         checked = {}
         for task in TASKS:
             w = np.asarray(weights[task], dtype=np.float64)
@@ -200,7 +204,7 @@ class MixedTaskBatcher:
             chosen = [self.examples[task][i] for i in idx]
             parts = _split_evenly(chosen, self.grad_accum)
             if self.example_weights is None:
-                out[task] = [collate_left_padded(part, self.pad_token_id) for part in parts]
+                out[task] = [self.collate(part, self.pad_token_id) for part in parts]
                 continue
             weights = _split_evenly([float(self.example_weights[task][i]) for i in idx], self.grad_accum)
             out[task] = [collate_left_padded(part, self.pad_token_id, w)

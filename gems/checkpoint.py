@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from gems.dpmoe import ADAPTER_FILE, DPMoEModel
+
 CHECKPOINT_FORMAT = 1
 MODEL_DIR, STATE_FILE = "model", "trainer_state.json"
 OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE = "optimizer.pt", "scheduler.pt", "rng.pt"
@@ -197,7 +199,14 @@ def load_model_weights(model: torch.nn.Module, checkpoint_dir: Path) -> None:
     """Load a checkpoint's trained weights into a model built the same way (same items, method)."""
     model = _unwrap(model)
     model_dir = Path(checkpoint_dir) / MODEL_DIR
-    if _is_peft(model):
+    if isinstance(model, DPMoEModel):
+        if not (model_dir / ADAPTER_FILE).is_file():
+            raise CheckpointError(f"{model_dir} is not a DPMoE checkpoint (no {ADAPTER_FILE})")
+        try:
+            model.load_adapter(model_dir)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+    elif _is_peft(model):
         _load_adapter_weights(model, model_dir)
     else:
         _load_full_weights(model, model_dir)

@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gems.dpmoe_config import DPMoEConfig
 from gems.sasrec_config import SASRecConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -163,8 +164,9 @@ class GateWeights(Section):
 
 
 class GEMSConfig(Section):
-    method: Literal["gems", "adamw", "lora", "galore"] = Field(
-        "gems", description="Optimizer/method; baselines share data, prompts and evaluation.")
+    method: Literal["gems", "adamw", "lora", "galore", "dpmoe"] = Field(
+        "gems", description="Optimizer/method; baselines share data, prompts and evaluation. dpmoe: "
+        "L2Rec's dual-view MoE-LoRA on the frozen backbone (settings in the dpmoe section).")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                  "down_proj"],
@@ -379,6 +381,25 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     sasrec: SASRecConfig = Field(default_factory=SASRecConfig, description="The SASRec "
                                  "collaborative floor (methods sasrec, sasrec-bm25).")
+    dpmoe: DPMoEConfig = Field(default_factory=DPMoEConfig, description="DPMoE's experts, routers, "
+                               "fusion and loss weights (gems.method=dpmoe).")
+
+    @model_validator(mode="after")
+    def _dpmoe_trains_what_it_can(self) -> Config:
+        """DPMoE has its own loss (catalog CE + InfoNCE + balance) over its fused state: the
+        token-level options of the LLM methods do not apply to it."""
+        if self.gems.method == "dpmoe":
+            t = self.train
+            bad = [f"{name}={value}" for name, value, ok in (
+                ("train.token_weighting", t.token_weighting, t.token_weighting == "none"),
+                ("train.history_targets", t.history_targets, t.history_targets == 0),
+                ("train.loss", t.loss, t.loss == "catalog"),
+                ("train.item_lr_scale", t.item_lr_scale, t.item_lr_scale == 1.0),
+                ("train.item_weight_decay", t.item_weight_decay, t.item_weight_decay == 0)) if not ok]
+            if bad:
+                raise ValueError(f"gems.method=dpmoe cannot use {', '.join(bad)}: DPMoE trains only its "
+                                 "experts, routers and fusion, on the catalog loss of its fused state")
+        return self
 
     @property
     def state_path(self) -> Path:
@@ -432,6 +453,8 @@ def _describe(err: ValidationError, schema: type[Config]) -> str:
             lines.append(f"{field}: unknown key (check spelling; see {where})")
         elif e["type"] == "missing":
             lines.append(f"{field}: required field is missing")
+        elif not e["loc"]:  # a rule across sections: its message names the fields, not the whole config
+            lines.append(f"{field}: {e['msg']}")
         else:
             lines.append(f"{field}: value {e.get('input')!r} is invalid: {e['msg']}")
     return "invalid config:\n  " + "\n  ".join(lines)

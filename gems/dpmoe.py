@@ -23,49 +23,18 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from gems.dpmoe_config import DPMoEConfig
+
 VIEWS: tuple[str, ...] = ("semantic", "behavioural")
-Fusion = Literal["acf", "mean", "concat"]
 ADAPTER_FILE, SETTINGS_FILE = "dpmoe_adapter.safetensors", "dpmoe_settings.json"
-
-
-@dataclass(frozen=True)
-class DPMoESettings:
-    """The method's shape and loss weights (``gems.dpmoe_*`` in the config)."""
-
-    n_shared: int = 1
-    n_sem: int = 3
-    n_beh: int = 3
-    rank: int = 8
-    alpha: float = 16.0
-    top_k: int = 2
-    lambda_bpc: float = 0.1
-    lambda_bal: float = 0.01
-    temperature: float = 0.1
-    fusion: Fusion = "acf"
-
-    def __post_init__(self) -> None:
-        if self.n_shared < 0 or self.n_sem < 1 or self.n_beh < 1 or self.rank < 1:
-            raise ValueError(f"dpmoe: n_shared >= 0, n_sem, n_beh, rank >= 1 (got {self})")
-        if not 1 <= self.top_k <= min(self.n_sem, self.n_beh):
-            raise ValueError(f"dpmoe.top_k must be in 1..min(n_sem, n_beh) = {min(self.n_sem, self.n_beh)}, "
-                             f"got {self.top_k}")
-        if self.fusion not in ("acf", "mean", "concat"):
-            raise ValueError(f"dpmoe.fusion must be acf, mean or concat, got {self.fusion!r}")
-        if min(self.lambda_bpc, self.lambda_bal) < 0 or not self.temperature > 0 or not self.alpha > 0:
-            raise ValueError("dpmoe: lambda_bpc and lambda_bal must be >= 0, temperature and alpha > 0")
-
-    @property
-    def n_experts(self) -> int:
-        return self.n_shared + self.n_sem + self.n_beh
 
 
 @dataclass(frozen=True)
@@ -121,8 +90,9 @@ class MoELoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, n_experts: int, rank: int, alpha: float, routing: _Routing) -> None:
         super().__init__()
         self.base, self.routing, self.scale = base, routing, alpha / rank
-        self.lora_a = nn.Parameter(torch.empty(n_experts, rank, base.in_features))
-        self.lora_b = nn.Parameter(torch.zeros(n_experts, base.out_features, rank))
+        device = base.weight.device
+        self.lora_a = nn.Parameter(torch.empty(n_experts, rank, base.in_features, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(n_experts, base.out_features, rank, device=device))
         for e in range(n_experts):  # as peft initialises LoRA's A
             nn.init.kaiming_uniform_(self.lora_a.data[e], a=math.sqrt(5))
 
@@ -154,7 +124,7 @@ class ViewRouter(nn.Module):
 class CrossViewFusion(nn.Module):
     """z from the behavioural and semantic states (``acf`` | ``mean`` | ``concat``); starts at the mean."""
 
-    def __init__(self, d_model: int, mode: Fusion) -> None:
+    def __init__(self, d_model: int, mode: str) -> None:
         super().__init__()
         self.mode = mode
         if mode == "acf":
@@ -193,7 +163,7 @@ def _pooled(emb: Tensor, mask: Tensor) -> Tensor:
 class DPMoEModel(nn.Module):
     """The frozen backbone wrapped with DPMoE experts, routers and fusion (build once per run)."""
 
-    def __init__(self, backbone: nn.Module, settings: DPMoESettings, target_modules: Sequence[str],
+    def __init__(self, backbone: nn.Module, settings: DPMoEConfig, target_modules: Sequence[str],
                  item_token_ids: Sequence[int]) -> None:
         super().__init__()
         self.backbone, self.settings = backbone, settings
@@ -207,8 +177,11 @@ class DPMoEModel(nn.Module):
         self.routers = nn.ModuleDict({"semantic": ViewRouter(d, settings.n_sem, settings.top_k),
                                       "behavioural": ViewRouter(d, settings.n_beh, settings.top_k)})
         self.fusion = CrossViewFusion(d, settings.fusion)
-        self.register_buffer("item_token_ids", torch.as_tensor(list(item_token_ids), dtype=torch.long),
-                             persistent=False)
+        device = backbone.get_input_embeddings().weight.device
+        self.routers.to(device)
+        self.fusion.to(device)
+        self.register_buffer("item_token_ids", torch.as_tensor(list(item_token_ids), dtype=torch.long,
+                                                               device=device), persistent=False)
 
     def _wrap(self, names: set[str]) -> int:
         s, count = self.settings, 0
@@ -266,6 +239,10 @@ class DPMoEModel(nn.Module):
         return total, {"ce": float(ce.detach()), "bpc": float(bpc.detach()),
                        "balance": float(out.balance.detach())}
 
+    def save_pretrained(self, directory: str | Path, safe_serialization: bool = True) -> None:
+        """The training checkpoint's model dir: the adapter only (the backbone is the base model)."""
+        self.save_adapter(directory)
+
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """Only what DPMoE trains (experts, routers, fusion): the backbone is the registered base."""
         names = {id(p) for p in self.trainable_parameters()}
@@ -275,12 +252,12 @@ class DPMoEModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file(self.adapter_state_dict(), str(directory / ADAPTER_FILE))
-        (directory / SETTINGS_FILE).write_text(json.dumps(asdict(self.settings), indent=1))
+        (directory / SETTINGS_FILE).write_text(self.settings.model_dump_json(indent=1))
 
     def load_adapter(self, directory: str | Path) -> None:
         """Load a saved adapter; refuses one saved with other settings or for another backbone shape."""
         directory = Path(directory)
-        saved = DPMoESettings(**json.loads((directory / SETTINGS_FILE).read_text()))
+        saved = DPMoEConfig.model_validate(json.loads((directory / SETTINGS_FILE).read_text()))
         if saved != self.settings:
             raise ValueError(f"{directory}: adapter saved with {saved}, this model has {self.settings}")
         state = load_file(str(directory / ADAPTER_FILE))

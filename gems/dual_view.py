@@ -22,9 +22,9 @@ import polars as pl
 import torch
 
 from gems.dpmoe import VIEWS, DPMoEModel, ViewBatch
-from gems.evaluate import ScoreBatch
 from gems.items import ITEM_TOKEN_PREFIX
 from gems.prompts import EMPTY_HISTORY, ENTRY_SPLIT, HISTORY_SEP, PROMPT_PARTS, user_turn_template
+from gems.scoring import ScoreBatch
 
 _TOKEN = re.compile(re.escape(ITEM_TOKEN_PREFIX) + r"[^>]*>")
 
@@ -103,8 +103,14 @@ def dpmoe_scorer(model: DPMoEModel, tokenizer: Any, max_len: int, batch_size: in
 
     @torch.no_grad()
     def score(rows: pl.DataFrame) -> torch.Tensor:
+        was_training = model.training
         model.eval()
-        prompts = rows["prompt"].to_list()
+        try:
+            return _scores(rows["prompt"].to_list())
+        finally:
+            model.train(was_training)
+
+    def _scores(prompts: list[str]) -> torch.Tensor:
         out = []
         device = model.item_token_ids.device
         autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype

@@ -8,7 +8,7 @@ between batches, so memory stays bounded by one batch's [batch, n_items] scores.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from gems.config import Config
+from gems.dpmoe import DPMoEModel
+from gems.dual_view import dpmoe_scorer
 from gems.metrics import (
     DEFAULT_KS,
     TaskMetrics,
@@ -25,10 +27,8 @@ from gems.metrics import (
     rank_examples,
     unified_metric,
 )
+from gems.scoring import ScoreBatch
 from gems.tasks import TASKS
-
-#: rows of examples -> scores [len(rows), n_items] in catalog order
-ScoreBatch = Callable[[pl.DataFrame], torch.Tensor]
 
 REQUIRED_COLUMNS = ("task", "history_item_ids", "target_item_id")
 
@@ -140,7 +140,10 @@ def model_scorer(model: torch.nn.Module, tokenizer: object, item_token_ids: torc
                  max_len: int, batch_size: int = 16, autocast_dtype: torch.dtype | None = None
                  ) -> ScoreBatch:
     """A ScoreBatch that encodes each row's ``prompt`` and scores the catalog's item tokens
-    (``autocast_dtype``: see :func:`gems.scoring.score_catalog`)."""
+    (``autocast_dtype``: see :func:`gems.scoring.score_catalog`). A model that ranks the catalog
+    its own way (DPMoE's two views) is scored its way (:func:`gems.dual_view.dpmoe_scorer`)."""
+    if isinstance(model, DPMoEModel):
+        return dpmoe_scorer(model, tokenizer, max_len, batch_size, autocast_dtype)
     from gems.prompts import encode_prompt
     from gems.scoring import score_catalog
 

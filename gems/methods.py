@@ -35,6 +35,9 @@ from torch import Tensor, nn
 
 from gems.config import GEMSConfig
 from gems.conflict import conflict_and_restore, restore_grads, summarize, take_grads
+from gems.dpmoe import DPMoEModel
+from gems.dpmoe_config import DPMoEConfig
+from gems.dpmoe_method import DPMoEMethod
 from gems.item_rows import ItemRows
 from gems.optim import GEMSAdamW
 from gems.step import StepMethod, StepStats, TaskBatch, train_step
@@ -192,7 +195,8 @@ def build_method(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mappi
                  item_token_ids: Sequence[int] | None = None, *, loss: str = "vocab",
                  item_lr_scale: float = 1.0, item_weight_decay: float = 0.0,
                  item_decay_to: str = "zero", history_weight: float = 0.0,
-                 weighting: TokenWeighting | None = None) -> Method:
+                 weighting: TokenWeighting | None = None, dpmoe: DPMoEConfig | None = None
+                 ) -> Method | DPMoEMethod:
     """The method ``gems_cfg.method`` for ``model`` (build it BEFORE wrapping the model in DDP).
 
     ``bases``: null-space bases for GEMS (``gems.nullspace.bases_for_run``; ignored by baselines).
@@ -201,14 +205,27 @@ def build_method(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mappi
     apply to, and the extra embedding rows LoRA trains. ``history_weight``: the weight of an example's history
     item targets (``train.history_targets``; :func:`gems.target_loss.target_weights`).
     ``weighting``: TALR/FLOW (``train.token_weighting``; :mod:`gems.token_weighting`), inside each
-    task's loss for every method.
+    task's loss for every method. ``dpmoe``: DPMoE's settings (``gems.method=dpmoe``; its own loss,
+    :mod:`gems.dpmoe_method`).
     """
+    if gems_cfg.method == "dpmoe":
+        return _dpmoe(model, gems_cfg, lr, item_token_ids, dpmoe or DPMoEConfig())
     method = _build(model, gems_cfg, lr, bases, item_token_ids)
     method.target_loss = TargetLoss.build(loss, item_token_ids, history_weight, weighting)
     if item_token_ids is not None and (item_lr_scale != 1.0 or item_weight_decay > 0):
         method.item_rows = ItemRows.of_model(method.model, item_token_ids, item_lr_scale, item_weight_decay,
                                              item_decay_to)  # type: ignore[arg-type]
     return method
+
+
+def _dpmoe(model: nn.Module, gems_cfg: GEMSConfig, lr: float, item_token_ids: Sequence[int] | None,
+           settings: DPMoEConfig) -> DPMoEMethod:
+    if not lr > 0:
+        raise ValueError(f"train.lr must be > 0, got {lr}")
+    if not item_token_ids:
+        raise ValueError("gems.method=dpmoe needs the catalog's item token ids (it scores the item rows)")
+    wrapped = DPMoEModel(model, settings, gems_cfg.target_modules, item_token_ids)
+    return DPMoEMethod(wrapped, _adamw(wrapped.trainable_parameters(), lr, gems_cfg))
 
 
 def _build(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mapping[str, Tensor] | None,

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import polars as pl
 import torch
 from transformers import PreTrainedModel
+
+#: rows of examples -> scores [len(rows), n_items] in catalog order (what gems.evaluate ranks)
+ScoreBatch = Callable[[pl.DataFrame], torch.Tensor]
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:

@@ -80,6 +80,7 @@ class StepStats:
     conflict_after: ConflictSummary | None = None
     svd_refresh: bool = False
     ranks: dict[str, float] = field(default_factory=dict)
+    aux: dict[str, float] = field(default_factory=dict)  # a method's own loss terms, logged as named
 
     @property
     def mixed_loss(self) -> float:
@@ -94,6 +95,7 @@ class StepStats:
         out.update({f"samples_{t}": float(v) for t, v in self.samples.items()})
         out.update({f"gate_{t}": v for t, v in self.gate.items()})
         out.update({f"rank_{s}": v for s, v in self.ranks.items()})
+        out.update(self.aux)
         for when, summary in (("before", self.conflict_before), ("after", self.conflict_after)):
             if summary is not None:
                 out[f"conflict_{when}_mean_rho"] = summary.mean_rho
@@ -117,12 +119,12 @@ class StepMethod(Protocol):
         """Clip, update the weights, and say what the step did (``losses``/``samples``: global)."""
 
 
-def _world_size() -> int:
+def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _all_reduce_sum(values: Tensor) -> Tensor:
-    if _world_size() > 1:
+def all_reduce_sum(values: Tensor) -> Tensor:
+    if world_size() > 1:
         values = values.clone()
         dist.all_reduce(values)
     return values
@@ -210,7 +212,7 @@ def example_losses(model: nn.Module, batch: TaskBatch, autocast_dtype: torch.dty
     return torch.where(mass > 0, total / mass.clamp(min=1e-30), torch.nan).float().cpu()
 
 
-def _micro_context(model: nn.Module, index: int, count: int) -> contextlib.AbstractContextManager:
+def micro_batch_context(model: nn.Module, index: int, count: int) -> contextlib.AbstractContextManager:
     """DDP: sync gradients only on each task's last micro-batch."""
     if hasattr(model, "no_sync") and index < count - 1:
         return model.no_sync()
@@ -227,7 +229,7 @@ def _target_totals(batches: Mapping[str, Sequence[TaskBatch]], loss: TargetLoss
             shifted = b.labels[:, 1:]
             local[0, i] += float(loss.weights(shifted).sum())
             local[1, i] += int((shifted != IGNORE_INDEX).any(-1).sum())
-    total = _all_reduce_sum(local)
+    total = all_reduce_sum(local)
     return ({t: float(total[0, i]) for i, t in enumerate(TASKS)},
             {t: int(total[1, i]) for i, t in enumerate(TASKS)})
 
@@ -254,20 +256,20 @@ def train_step(model: nn.Module, method: StepMethod,
     if total == 0 or sum(counts.values()) == 0:
         raise ValueError("train_step: the batches hold no target tokens (all labels are -100)")
     # w_x / N_x per task, times the world size that DDP's gradient average divides by
-    scales = {t: _world_size() * examples[t] / total / counts[t] if counts[t] > 0 else 0.0 for t in TASKS}
+    scales = {t: world_size() * examples[t] / total / counts[t] if counts[t] > 0 else 0.0 for t in TASKS}
     model.train()
     method.begin_step()
     ce_sums = torch.zeros(len(TASKS), dtype=torch.float64)
     for i, task in enumerate(TASKS):
         micro = list(batches.get(task, ()))
         for j, batch in enumerate(micro):
-            with _micro_context(model, j, len(micro)):
+            with micro_batch_context(model, j, len(micro)):
                 ce = task_ce_sum(model, batch, autocast_dtype, loss)
                 (ce * scales[task]).backward()
             ce_sums[i] += float(ce.detach())
         if counts[task] > 0:
             method.after_task_backward(task, measure_conflict)
-    ce_sums = _all_reduce_sum(ce_sums)
+    ce_sums = all_reduce_sum(ce_sums)
     losses = {t: float(ce_sums[i]) / counts[t] for i, t in enumerate(TASKS) if counts[t] > 0}
     samples = {t: examples[t] for t in TASKS if counts[t] > 0}
     return method.finish_step(losses, samples, max_grad_norm)

@@ -10,12 +10,12 @@ import torch
 
 from gems.dpmoe import (
     DPMoEModel,
-    DPMoESettings,
     ViewBatch,
     load_balance_loss,
     symmetric_info_nce,
     top_k_renormalised,
 )
+from gems.dpmoe_config import DPMoEConfig
 from gems.model import add_item_tokens
 
 torch.set_num_threads(1)
@@ -47,7 +47,7 @@ def wrapped(tiny_model_and_tokenizer, tiny_items):
     model, tok = tiny_model_and_tokenizer
     item_ids = add_item_tokens(model, tok, tiny_items)
     base = copy.deepcopy(model)
-    dp = DPMoEModel(model, DPMoESettings(n_sem=3, n_beh=2, rank=4), TARGETS, item_ids)
+    dp = DPMoEModel(model, DPMoEConfig(n_sem=3, n_beh=2, rank=4), TARGETS, item_ids)
     return dp, base, item_ids, len(tok)
 
 
@@ -124,11 +124,11 @@ def test_adapter_round_trip_and_mismatch(wrapped, tmp_path, tiny_model_and_token
             p.add_(torch.randn_like(p) * 0.05)
         expected = dp(sem, beh).logits
     dp.save_adapter(tmp_path / "adapter")
-    fresh = DPMoEModel(copy.deepcopy(base), DPMoESettings(n_sem=3, n_beh=2, rank=4), TARGETS, item_ids)
+    fresh = DPMoEModel(copy.deepcopy(base), DPMoEConfig(n_sem=3, n_beh=2, rank=4), TARGETS, item_ids)
     fresh.load_adapter(tmp_path / "adapter")
     with torch.no_grad():
         assert torch.allclose(fresh(sem, beh).logits, expected, atol=1e-5)
-    other = DPMoEModel(copy.deepcopy(base), DPMoESettings(n_sem=3, n_beh=2, rank=2), TARGETS, item_ids)
+    other = DPMoEModel(copy.deepcopy(base), DPMoEConfig(n_sem=3, n_beh=2, rank=2), TARGETS, item_ids)
     with pytest.raises(ValueError, match="adapter saved with"):
         other.load_adapter(tmp_path / "adapter")
 
@@ -138,7 +138,8 @@ def test_info_nce_prefers_aligned_pairs() -> None:
     assert float(symmetric_info_nce(a, a, 0.1)) < float(symmetric_info_nce(a, a.roll(1, 0), 0.1))
 
 
-@pytest.mark.parametrize("bad", [{"top_k": 4}, {"n_sem": 0}, {"fusion": "sum"}, {"lambda_bpc": -1.0}])
-def test_bad_settings_are_named(bad: dict) -> None:
-    with pytest.raises(ValueError, match="dpmoe"):
-        DPMoESettings(**bad)
+@pytest.mark.parametrize("bad, field", [({"top_k": 4}, "top_k"), ({"n_sem": 0}, "n_sem"),
+                                        ({"fusion": "sum"}, "fusion"), ({"lambda_bpc": -1.0}, "lambda_bpc")])
+def test_bad_settings_are_named(bad: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        DPMoEConfig(**bad)

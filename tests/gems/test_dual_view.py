@@ -7,7 +7,8 @@ import polars as pl
 import pytest
 import torch
 
-from gems.dpmoe import DPMoEModel, DPMoESettings
+from gems.dpmoe import DPMoEModel
+from gems.dpmoe_config import DPMoEConfig
 from gems.dual_view import collate_views, dpmoe_scorer, encode_views, view_entries
 from gems.evaluate import evaluate_scorer
 from gems.items import item_token
@@ -57,7 +58,7 @@ def test_collated_views_and_scorer_rank_the_catalog(tiny_model_and_tokenizer, ti
     sem = batch["semantic"]
     assert sem.input_ids.shape[0] == 3 and bool((sem.attention_mask[:, -1] == 1).all())  # left padded
     assert torch.equal(sem.context_mask + sem.history_mask, sem.attention_mask)
-    dp = DPMoEModel(model, DPMoESettings(), TARGETS, item_token_ids)
+    dp = DPMoEModel(model, DPMoEConfig(), TARGETS, item_token_ids)
     rows = pl.DataFrame({"example_id": ["a", "b", "c"], "task": ["search", "rec", "rec"], "prompt": prompts,
                          "history_item_ids": [[i for i, _ in tiny_items[:n]] for n in (2, 5, 1)],
                          "target_item_id": [tiny_items[5][0], tiny_items[7][0], tiny_items[9][0]]})

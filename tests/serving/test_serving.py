@@ -197,6 +197,10 @@ def test_adapter_and_non_model_dirs_are_refused(tmp_path: Path) -> None:
         servable_model_dir(tmp_path)
     with pytest.raises(RegistryError, match="not a Hugging Face model dir"):
         servable_model_dir(tmp_path / "elsewhere")
+    (tmp_path / "dpmoe" / "model").mkdir(parents=True)
+    (tmp_path / "dpmoe" / "model" / "dpmoe_adapter.safetensors").write_bytes(b"")
+    with pytest.raises(RegistryError, match="DPMoE adapter"):
+        servable_model_dir(tmp_path / "dpmoe")
 
 
 LOAD_AND_PREDICT = """

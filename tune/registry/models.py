@@ -29,6 +29,7 @@ from mlflow.types import DataType
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
 from gems.config import PROJECT_ROOT
+from gems.dpmoe import ADAPTER_FILE as DPMOE_ADAPTER_FILE
 from serving.ranker import (
     ITEMS_ARTIFACT,
     MODEL_ARTIFACT,
@@ -118,6 +119,9 @@ def servable_model_dir(checkpoint_dir: Path) -> Path:
     model_dir = checkpoint_dir / "model" if (checkpoint_dir / "model").is_dir() else checkpoint_dir
     if (model_dir / "adapter_config.json").exists():
         raise RegistryError(f"{model_dir} is a LoRA adapter; merge it into the backbone before serving")
+    if (model_dir / DPMOE_ADAPTER_FILE).exists():
+        raise RegistryError(f"{model_dir} is a DPMoE adapter: the serving ranker scores one prompt with "
+                            "one language model and cannot serve DPMoE's two views yet")
     if not (model_dir / "config.json").exists() or not list(model_dir.glob("*.safetensors")):
         raise RegistryError(f"{model_dir} is not a Hugging Face model dir (config.json + *.safetensors)")
     return model_dir

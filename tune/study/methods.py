@@ -22,7 +22,7 @@ from gems.config import ConfigError, apply_overrides
 from gems.sasrec_floor import SASREC_METHODS
 from tune.config import JobConfig, config_from_dict
 
-LLM_METHODS: tuple[str, ...] = ("gems", "adamw", "lora", "galore")
+LLM_METHODS: tuple[str, ...] = ("gems", "adamw", "lora", "galore", "dpmoe")
 FLOORS: tuple[str, ...] = ("popularity", "itemknn", "bm25")
 #: Trained on the driver once per study seed (gems.sasrec_floor), no LLM involved.
 SASREC: tuple[str, ...] = SASREC_METHODS

@@ -33,6 +33,8 @@ import torch
 
 from gems.checkpoint import load_model_weights
 from gems.data.shards import read_items, read_manifest, read_split
+from gems.dpmoe import DPMoEModel
+from gems.dpmoe_config import DPMoEConfig
 from gems.evaluate import evaluate_with_config, subsample_per_task
 from gems.evaluate_fused import evaluate_with_bm25_fusion
 from gems.floors import evaluate_floors
@@ -97,6 +99,8 @@ def study_key(cfg: JobConfig) -> str:
     exclude = {"mlflow", "tune", "nightly", "name"}
     if cfg.sasrec == SASRecConfig():  # keys of studies written before the section existed stay valid
         exclude.add("sasrec")
+    if cfg.dpmoe == DPMoEConfig():  # the same for the DPMoE section
+        exclude.add("dpmoe")
     payload = cfg.model_dump(mode="json", exclude=exclude)
     payload["model"].pop("attention")  # a kernel choice (same scores, tested): speed, not a result
     for name in ("torch_threads", "placement_strategy", "worker_resources"):  # where and how fast, not what
@@ -155,6 +159,10 @@ def load_tuned(cfg: JobConfig, checkpoint: Path, items: pl.DataFrame) -> tuple[t
         from peft import PeftModel  # the adapter config says exactly how the worker wrapped it
 
         model = PeftModel.from_pretrained(model, str(checkpoint / "model")).merge_and_unload()
+    elif cfg.gems.method == "dpmoe":
+        model = DPMoEModel(model, cfg.dpmoe, cfg.gems.target_modules, item_token_ids(
+            tokenizer, [str(i) for i in items["item_id"].to_list()]))
+        load_model_weights(model, checkpoint)
     else:
         load_model_weights(model, checkpoint)
     model.eval()
@@ -256,7 +264,9 @@ def _run_llm(cfg: JobConfig, spec: MethodSpec, seed: int, shard_dir: Path, test:
     t1 = time.perf_counter()
     retention = None
     if run_cfg.eval.retention:  # one model: a '+bm25' row shares its retention
-        retention = retention_with_config(base_model, tuned, tokenizer, run_cfg)
+        # DPMoE's experts act only inside its two views: on plain text its backbone is the base model
+        language_model = tuned.backbone if isinstance(tuned, DPMoEModel) else tuned
+        retention = retention_with_config(base_model, language_model, tokenizer, run_cfg)
         rows += [r for label in results for r in res.retention_rows(label, seed, retention)]
     retention_s = time.perf_counter() - t1
     steps = [h["train/step_time_s"] for h in outcome.history if "train/step_time_s" in h]

@@ -19,7 +19,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,12 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from gems.batching import LazyEncoded, MixedTaskBatcher, TokenizedExample
+from gems.batching import LazyEncoded, MixedTaskBatcher, TokenizedExample, collate_left_padded
 from gems.checkpoint import TrainerState, load_training_checkpoint, save_training_checkpoint
 from gems.compile import compile_decoder_layers
 from gems.config import Config
 from gems.costs import optimizer_state_mb, peak_rss_gb
+from gems.dpmoe_method import DPMoEMethod, DualViewBatch, collate_dual_view, dual_view_encoder
 from gems.evaluate import evaluate_with_config
 from gems.evaluate_fused import evaluate_with_bm25_fusion
 from gems.flow_pass import base_losses, flow_example_weights
@@ -51,7 +52,7 @@ from gems.prompts import encode_training_example
 from gems.sasrec_vectors import load_item_vectors
 from gems.schedule import build_lr_schedule, current_lr
 from gems.speed_probe import forward_probe_seconds, machine_probe
-from gems.step import StepStats
+from gems.step import StepStats, TaskBatch
 from gems.target_loss import TargetLoss
 from gems.tasks import TASKS
 from gems.token_weighting import TokenWeighting
@@ -149,6 +150,15 @@ def training_examples(train: pl.DataFrame, tokenizer: Any, max_len: int,
             for task in TASKS}
 
 
+def dual_view_examples(train: pl.DataFrame, tokenizer: Any, max_len: int, item_ids: Sequence[str]
+                       ) -> dict[str, LazyEncoded[dict[str, Any]]]:
+    """DPMoE's examples (both views of each prompt and the answer's catalog column), per task in
+    example_id order, encoded lazily like :func:`training_examples`."""
+    encode = dual_view_encoder(tokenizer, max_len, {item: i for i, item in enumerate(item_ids)})
+    ordered = train.sort("example_id")
+    return {task: LazyEncoded(ordered.filter(pl.col("task") == task).to_dicts(), encode) for task in TASKS}
+
+
 # ---------------------------------------------------------------------------------- metrics
 
 
@@ -197,10 +207,11 @@ class MetricWindow:
 
 
 def _batch_tokens(batches: Mapping[str, list[Any]]) -> tuple[int, int]:
-    """(real tokens, tokens incl. padding) of one step's micro-batches."""
-    real = sum(int(mb.attention_mask.sum()) for mbs in batches.values() for mb in mbs)
-    padded = sum(int(mb.attention_mask.numel()) for mbs in batches.values() for mb in mbs)
-    return real, padded
+    """(real tokens, tokens incl. padding) of one step's micro-batches (both views of DPMoE's)."""
+    counts = [mb.tokens if isinstance(mb, DualViewBatch) else
+              (int(mb.attention_mask.sum()), int(mb.attention_mask.numel()))
+              for mbs in batches.values() for mb in mbs]
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -337,7 +348,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     method = build_method(model, cfg.gems, tc.lr, bases, item_token_ids=new_ids, loss=tc.loss,
                           item_lr_scale=tc.item_lr_scale, item_weight_decay=tc.item_weight_decay,
                           item_decay_to=tc.item_decay_to, history_weight=tc.history_targets,
-                          weighting=TokenWeighting(tc.token_weighting, tc.weighting_tau, tc.weighting_norm))
+                          weighting=TokenWeighting(tc.token_weighting, tc.weighting_tau, tc.weighting_norm),
+                          dpmoe=cfg.dpmoe)
     train_model: torch.nn.Module = method.model
     if tc.compile:
         log.info("compiled %d decoder layers (the first step pays for compilation)",
@@ -348,14 +360,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     history_tokens = ({t: frozenset(int(i) for i in new_ids) for t in tc.history_target_tasks}
                       if tc.history_targets > 0 else None)
-    examples = training_examples(dataset_frame("train", TRAIN_COLUMNS), tokenizer, tc.max_seq_len,
-                                 history_tokens)
+    train_rows = dataset_frame("train", TRAIN_COLUMNS)
+    dual_view = isinstance(method, DPMoEMethod)
+    examples = (dual_view_examples(train_rows, tokenizer, tc.max_seq_len, item_ids) if dual_view else
+                training_examples(train_rows, tokenizer, tc.max_seq_len, history_tokens))
     # Prompt characters stand in for token counts when grouping by length: no tokenization upfront.
     lengths = {task: [len(row["prompt"]) for row in rows.rows] for task, rows in examples.items()}
     batcher = MixedTaskBatcher(examples, batch_size=tc.batch_size, search_fraction=tc.search_fraction,
                                grad_accum=tc.grad_accum, seed=tc.seed,
                                pad_token_id=int(tokenizer.pad_token_id), rank=rank, world_size=world,
-                               lengths=lengths, bucket_steps=tc.length_bucket_steps)
+                               lengths=lengths, bucket_steps=tc.length_bucket_steps,
+                               collate=collate_dual_view if dual_view else collate_left_padded)
     val = dataset_frame("val") if rank == 0 else None
     val_token_ids = item_token_ids(tokenizer, item_ids)
 
@@ -409,7 +424,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         metrics.update({f"train/flow_tau_{t}": v for t, v in flow.get("tau", {}).items()})
         if "seconds" in flow:
             metrics["train/flow_pass_s"] = flow["seconds"]
-        if tc.speed_probes:
+        if tc.speed_probes and isinstance(probe_batch, TaskBatch):  # the probe runs the plain LM
             metrics.update({**machine_probe(device), "train/probe_forward_s": forward_probe_seconds(
                 _unwrap(train_model), probe_batch, autocast_dtype)})
         if is_eval and val is not None:

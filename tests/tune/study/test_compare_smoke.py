@@ -19,7 +19,7 @@ from tune.study.ranks import read_ranks, seen_split
 from tune.study.results import COLUMNS, RANKING_METRICS, RETENTION
 from tune.study.run import expected_metrics
 
-ALL_METHODS = "gems,adamw,lora,galore,popularity,itemknn,bm25,sasrec,sasrec-bm25"
+ALL_METHODS = "gems,adamw,lora,galore,dpmoe,adamw+flow,popularity,itemknn,bm25,sasrec,sasrec-bm25"
 
 
 # --------------------------------------------------------------------------- parsing (fast)
@@ -139,6 +139,10 @@ def test_results_schema_and_every_method_has_every_metric(study: tuple[Path, Pat
                        .sort("task", "metric", "protocol")["value"]
                        for m in (spec.label, fused_label(spec.label)))
         assert mine.to_list() == fused.to_list(), spec.label
+    # DPMoE's experts act only inside its views: on plain text it is the base model (KL over the
+    # original vocabulary is 0; perplexity still pays for the item rows' share, like every method)
+    kl = frame.filter((pl.col("method") == "dpmoe") & (pl.col("metric") == "kl"))["value"]
+    assert kl.len() == 1 and abs(kl[0]) < 1e-6
     # Hit@K is monotone in K for every method, task and protocol
     for (method, task, proto), part in ranking.group_by(["method", "task", "protocol"]):
         hits = dict(part.select("metric", "value").iter_rows())
@@ -171,14 +175,17 @@ def test_readable_table_timings_and_plots(study: tuple[Path, Path, str]) -> None
     assert "Command: `python pipelines/compare.py --smoke-test" in md
     timings = pl.read_csv(out / "timings.csv")
     trained = timings.filter(pl.col("steps") > 0)
-    assert sorted(trained["method"].to_list()) == ["adamw", "adamw+bm25", "galore", "galore+bm25", "gems",
-                                                   "gems+bm25", "lora", "lora+bm25", "sasrec", "sasrec-bm25"]
+    assert sorted(trained["method"].to_list()) == [
+        "adamw", "adamw+bm25", "adamw+flow", "adamw+flow+bm25", "dpmoe", "dpmoe+bm25", "galore",
+        "galore+bm25", "gems", "gems+bm25", "lora", "lora+bm25", "sasrec", "sasrec-bm25"]
     assert (trained["train_s"] > 0).all()
     llm = trained.filter(~pl.col("method").str.starts_with("sasrec"))
     assert (llm["trainable_params"] > 0).all() and (llm["optimizer_state_mb"] > 0).all()
     assert (llm["peak_rss_gb"] > 0.1).all()
     params = dict(zip(llm["method"].to_list(), llm["trainable_params"].to_list(), strict=True))
     assert params["lora"] < params["adamw"] == params["gems"]  # adapters + item rows vs every weight
+    # DPMoE's 7 experts of rank 8 on every target layer outnumber the tiny backbone; only they count
+    assert params["dpmoe"] != params["adamw"] and (llm["tokens_per_s"] > 0).all()
     assert "| optimizer state (MiB) |" in md
     for name in ("ndcg10_full.png", "ndcg10_sampled.png", "retention.png", "conflict.png", "pareto.png"):
         assert (out / name).stat().st_size > 1000, name
@@ -195,7 +202,8 @@ def test_mlflow_parent_with_one_child_per_llm_run_and_conflict_for_adamw_and_gem
     assert len(parents) == 3  # the first run, the resumed one, the one with fewer methods
     parent_ids = {p.info.run_id for p in parents}
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in parent_ids]
-    assert sorted(r.data.tags["gems.compare_label"] for r in children) == ["adamw", "galore", "gems", "lora"]
+    assert sorted(r.data.tags["gems.compare_label"] for r in children) == [
+        "adamw", "adamw+flow", "dpmoe", "galore", "gems", "lora"]
     for child in children:
         assert "test/search/full/ndcg_at_10" in child.data.metrics
         assert "retention/kl" in child.data.metrics

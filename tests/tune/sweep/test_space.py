@@ -108,6 +108,7 @@ def test_fields_with_fixed_values_are_searched_by_choice() -> None:
                              "train.token_weighting": "talr"}])
     with pytest.raises(ConfigError, match="not among"):
         validate_space({"train.token_weighting": SearchRange(choices=["none", "focal"])})
+    validate_space({"gems.method": SearchRange(choices=["gems", "dpmoe", "lora"])})  # methods are choices
     with pytest.raises(ConfigError, match="not one of"):
         validate_points(space, [{"train.loss": "bpr"}])
     with pytest.raises(ConfigError, match="not among"):
