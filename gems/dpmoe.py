@@ -227,7 +227,9 @@ class DPMoEModel(nn.Module):
         z_b, bal_b = self.view_state("behavioural", behavioural)
         z = self.fusion(z_b, z_s)
         rows = self.backbone.get_output_embeddings().weight[self.item_token_ids]
-        return DPMoEOutput((z.float() @ rows.float().T), z_b, z_s, (bal_s + bal_b) / 2)
+        with torch.autocast(device_type=z.device.type, enabled=False):  # bf16 scores would tie items
+            logits = z.float() @ rows.float().T
+        return DPMoEOutput(logits, z_b, z_s, (bal_s + bal_b) / 2)
 
     def loss(self, out: DPMoEOutput, target_index: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Next-item CE over the catalog (``target_index``: catalog column of each row's answer) +

@@ -209,6 +209,12 @@ def build_method(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mappi
     :mod:`gems.dpmoe_method`).
     """
     if gems_cfg.method == "dpmoe":
+        unused = [name for name, off in (("train.item_lr_scale", item_lr_scale == 1.0),
+                                         ("train.item_weight_decay", item_weight_decay == 0),
+                                         ("train.history_targets", history_weight == 0)) if not off]
+        if unused:
+            log.info("dpmoe: %s do not apply (item rows stay frozen, only answers are targets)",
+                     ", ".join(unused))
         return _dpmoe(model, gems_cfg, lr, item_token_ids, dpmoe or DPMoEConfig())
     method = _build(model, gems_cfg, lr, bases, item_token_ids)
     method.target_loss = TargetLoss.build(loss, item_token_ids, history_weight, weighting)

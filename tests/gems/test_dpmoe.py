@@ -143,3 +143,15 @@ def test_info_nce_prefers_aligned_pairs() -> None:
 def test_bad_settings_are_named(bad: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         DPMoEConfig(**bad)
+
+
+def test_the_config_refuses_what_changes_dpmoes_loss_and_leaves_out_what_does_not_apply() -> None:
+    from gems.config import ConfigError
+    from tune.config import load_config
+
+    for bad in ("train.token_weighting=talr", "train.loss=vocab"):
+        with pytest.raises(ConfigError, match=f"gems.method=dpmoe cannot use {bad}"):
+            load_config("tiny", ["gems.method=dpmoe", bad])
+    # item-row and history-target options of a shared budget do not apply: the config still loads
+    cfg = load_config("tiny", ["gems.method=dpmoe", "train.history_targets=4", "train.item_lr_scale=3"])
+    assert cfg.gems.method == "dpmoe" and cfg.dpmoe.top_k == 2
