@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,9 +164,11 @@ class DPMoEModel(nn.Module):
     """The frozen backbone wrapped with DPMoE experts, routers and fusion (build once per run)."""
 
     def __init__(self, backbone: nn.Module, settings: DPMoEConfig, target_modules: Sequence[str],
-                 item_token_ids: Sequence[int]) -> None:
+                 item_token_ids: Sequence[int], titles: Mapping[str, str] | None = None) -> None:
+        """``titles`` (item id -> title): what the semantic view shows of each history item."""
         super().__init__()
         self.backbone, self.settings = backbone, settings
+        self.titles = dict(titles) if titles is not None else None
         for p in backbone.parameters():
             p.requires_grad_(False)
         self.routing = _Routing()

@@ -27,6 +27,8 @@ class DPMoEConfig(BaseModel):
     lambda_bal: float = Field(0.01, ge=0, le=100, description="Weight of the routers' load-balancing "
                               "loss.")
     temperature: float = Field(0.1, gt=0, le=100, description="InfoNCE temperature.")
+    title_words: int = Field(8, ge=1, le=64, description="Title words per history item in the "
+                             "semantic view (titles come from the catalog, whatever the prompt shows).")
     fusion: Literal["acf", "mean", "concat"] = Field("acf", description="Cross-view fusion: acf = "
                                                      "a sigmoid gate per dimension over [z_b; z_s; "
                                                      "z_b * z_s], mean, or a linear map of [z_b; z_s].")

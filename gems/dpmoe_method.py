@@ -52,15 +52,18 @@ class DualViewBatch:
         return real, sum(v.attention_mask.numel() for v in self.views.values())
 
 
-def dual_view_encoder(tokenizer: Any, max_len: int, catalog_index: Mapping[str, int]
+def dual_view_encoder(tokenizer: Any, max_len: int, catalog_index: Mapping[str, int],
+                      titles: Mapping[str, str] | None = None, title_words: int = 8
                       ) -> Callable[[Mapping[str, Any]], DualViewExample]:
-    """Row (``prompt``, ``target_item_id``) -> DualViewExample; a clear error for an unknown answer."""
+    """Row (``prompt``, ``target_item_id``) -> DualViewExample; a clear error for an unknown answer.
+    ``titles``/``title_words``: the semantic view's history titles (gems.dual_view)."""
     def encode(row: Mapping[str, Any]) -> DualViewExample:
         target = str(row["target_item_id"])
         if target not in catalog_index:
             raise ValueError(f"example {row.get('example_id', '?')}: target item {target} is not in "
                              "the catalog")
-        return DualViewExample(encode_views(tokenizer, str(row["prompt"]), max_len), catalog_index[target])
+        views = encode_views(tokenizer, str(row["prompt"]), max_len, titles, title_words)
+        return DualViewExample(views, catalog_index[target])
 
     return encode
 

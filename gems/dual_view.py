@@ -1,9 +1,11 @@
 """DPMoE's two views of one prompt (gems.dpmoe), derived from the task-tagged prompt itself.
 
-The shard's prompt (``[rec] History: <item_3> Stapler; <item_9> Toner. Next item:``) already holds
-both signals; the views keep one each:
+The shard's prompt (``[rec] History: <item_3> Stapler; <item_9> Toner. Next item:``) names the
+history items; the views keep one signal each:
 
-- semantic:    ``[rec] History: Stapler; Toner. Next item:`` (titles, no item tokens);
+- semantic:    ``[rec] History: Red Swingline Stapler; Laser Toner. Next item:`` (titles, no item
+  tokens: from the catalog when it is given, since a prompt may show tokens only, as
+  ``data.title_max_words: 0`` makes it; else the prompt's own title words);
 - behavioural: ``[rec] History: <item_3>; <item_9>. Next item:`` (item tokens only).
 
 Each view is tokenised in three pieces (chat-template prefix + head, history body, tail + suffix)
@@ -15,15 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import polars as pl
 import torch
 
 from gems.dpmoe import VIEWS, DPMoEModel, ViewBatch
-from gems.items import ITEM_TOKEN_PREFIX
-from gems.prompts import EMPTY_HISTORY, ENTRY_SPLIT, HISTORY_SEP, PROMPT_PARTS, user_turn_template
+from gems.items import ITEM_TOKEN_PREFIX, item_id_from_token
+from gems.prompts import (
+    EMPTY_HISTORY,
+    ENTRY_SPLIT,
+    HISTORY_SEP,
+    PROMPT_PARTS,
+    short_title,
+    user_turn_template,
+)
 from gems.scoring import ScoreBatch
 
 _TOKEN = re.compile(re.escape(ITEM_TOKEN_PREFIX) + r"[^>]*>")
@@ -32,11 +41,17 @@ _TOKEN = re.compile(re.escape(ITEM_TOKEN_PREFIX) + r"[^>]*>")
 EncodedView = tuple[list[int], list[int]]
 
 
-def view_entries(body: str) -> dict[str, list[str]]:
-    """The history entries of a prompt body as each view shows them (oldest first)."""
+def view_entries(body: str, titles: Mapping[str, str] | None = None, title_words: int = 8
+                 ) -> dict[str, list[str]]:
+    """The history entries of a prompt body as each view shows them (oldest first); ``titles``
+    (item id -> title): the semantic view shows each item's first ``title_words`` title words."""
     entries = [] if body == EMPTY_HISTORY else ENTRY_SPLIT.split(body)
-    semantic = [_TOKEN.sub("", e).strip() for e in entries]
     behavioural = [" ".join(_TOKEN.findall(e)) for e in entries]
+    if titles is None:
+        semantic = [_TOKEN.sub("", e).strip() for e in entries]
+    else:
+        semantic = [" ".join(short_title(titles.get(item_id_from_token(t), ""), title_words)
+                             for t in _TOKEN.findall(e)).strip() for e in entries]
     return {"semantic": semantic, "behavioural": behavioural}
 
 
@@ -55,15 +70,17 @@ def _pieces(tokenizer: Any, head: str, entries: Sequence[str], tail: str) -> Enc
     return [*start, *body, *end], [0] * len(start) + [1] * len(body) + [0] * len(end)
 
 
-def encode_views(tokenizer: Any, prompt: str, max_len: int) -> dict[str, EncodedView]:
-    """Both views of ``prompt``, each at most ``max_len`` tokens (oldest history dropped first)."""
+def encode_views(tokenizer: Any, prompt: str, max_len: int, titles: Mapping[str, str] | None = None,
+                 title_words: int = 8) -> dict[str, EncodedView]:
+    """Both views of ``prompt``, each at most ``max_len`` tokens (oldest history dropped first);
+    ``titles``/``title_words``: see :func:`view_entries`."""
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     parts = PROMPT_PARTS.match(prompt)
     if parts is None:
         raise ValueError(f"not a task-tagged prompt (expected '[task] History: ... cue'): {prompt[:80]!r}")
     out = {}
-    for view, entries in view_entries(parts["body"]).items():
+    for view, entries in view_entries(parts["body"], titles, title_words).items():
         keep = len(entries)
         encoded = _pieces(tokenizer, parts["head"], entries, parts["tail"])
         while len(encoded[0]) > max_len and keep > 0:
@@ -96,7 +113,7 @@ def collate_views(encoded: Sequence[dict[str, EncodedView]], pad_token_id: int) 
 def dpmoe_scorer(model: DPMoEModel, tokenizer: Any, max_len: int, batch_size: int = 16,
                  autocast_dtype: torch.dtype | None = None) -> ScoreBatch:
     """A ScoreBatch (gems.evaluate.evaluate_scorer) that ranks the catalog with DPMoE: both views of
-    each row's ``prompt``, fused state times the item rows."""
+    each row's ``prompt`` (history titles from ``model.titles``), fused state times the item rows."""
     pad = tokenizer.pad_token_id
     if pad is None:
         raise ValueError("tokenizer has no pad token; load it with gems.model.load_backbone")
@@ -117,7 +134,9 @@ def dpmoe_scorer(model: DPMoEModel, tokenizer: Any, max_len: int, batch_size: in
                     else contextlib.nullcontext())
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            views = collate_views([encode_views(tokenizer, p, max_len) for p in chunk], int(pad))
+            encoded = [encode_views(tokenizer, p, max_len, model.titles, model.settings.title_words)
+                       for p in chunk]
+            views = collate_views(encoded, int(pad))
             with autocast:
                 out.append(model(views["semantic"], views["behavioural"]).logits.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, model.item_token_ids.numel())

@@ -195,8 +195,8 @@ def build_method(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mappi
                  item_token_ids: Sequence[int] | None = None, *, loss: str = "vocab",
                  item_lr_scale: float = 1.0, item_weight_decay: float = 0.0,
                  item_decay_to: str = "zero", history_weight: float = 0.0,
-                 weighting: TokenWeighting | None = None, dpmoe: DPMoEConfig | None = None
-                 ) -> Method | DPMoEMethod:
+                 weighting: TokenWeighting | None = None, dpmoe: DPMoEConfig | None = None,
+                 item_titles: Mapping[str, str] | None = None) -> Method | DPMoEMethod:
     """The method ``gems_cfg.method`` for ``model`` (build it BEFORE wrapping the model in DDP).
 
     ``bases``: null-space bases for GEMS (``gems.nullspace.bases_for_run``; ignored by baselines).
@@ -206,7 +206,7 @@ def build_method(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mappi
     item targets (``train.history_targets``; :func:`gems.target_loss.target_weights`).
     ``weighting``: TALR/FLOW (``train.token_weighting``; :mod:`gems.token_weighting`), inside each
     task's loss for every method. ``dpmoe``: DPMoE's settings (``gems.method=dpmoe``; its own loss,
-    :mod:`gems.dpmoe_method`).
+    :mod:`gems.dpmoe_method`); ``item_titles``: what its semantic view shows of history items.
     """
     if gems_cfg.method == "dpmoe":
         unused = [name for name, off in (("train.item_lr_scale", item_lr_scale == 1.0),
@@ -215,7 +215,7 @@ def build_method(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mappi
         if unused:
             log.info("dpmoe: %s do not apply (item rows stay frozen, only answers are targets)",
                      ", ".join(unused))
-        return _dpmoe(model, gems_cfg, lr, item_token_ids, dpmoe or DPMoEConfig())
+        return _dpmoe(model, gems_cfg, lr, item_token_ids, dpmoe or DPMoEConfig(), item_titles)
     method = _build(model, gems_cfg, lr, bases, item_token_ids)
     method.target_loss = TargetLoss.build(loss, item_token_ids, history_weight, weighting)
     if item_token_ids is not None and (item_lr_scale != 1.0 or item_weight_decay > 0):
@@ -225,12 +225,12 @@ def build_method(model: nn.Module, gems_cfg: GEMSConfig, lr: float, bases: Mappi
 
 
 def _dpmoe(model: nn.Module, gems_cfg: GEMSConfig, lr: float, item_token_ids: Sequence[int] | None,
-           settings: DPMoEConfig) -> DPMoEMethod:
+           settings: DPMoEConfig, titles: Mapping[str, str] | None) -> DPMoEMethod:
     if not lr > 0:
         raise ValueError(f"train.lr must be > 0, got {lr}")
     if not item_token_ids:
         raise ValueError("gems.method=dpmoe needs the catalog's item token ids (it scores the item rows)")
-    wrapped = DPMoEModel(model, settings, gems_cfg.target_modules, item_token_ids)
+    wrapped = DPMoEModel(model, settings, gems_cfg.target_modules, item_token_ids, titles)
     return DPMoEMethod(wrapped, _adamw(wrapped.trainable_parameters(), lr, gems_cfg))
 
 

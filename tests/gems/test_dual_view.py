@@ -67,3 +67,17 @@ def test_collated_views_and_scorer_rank_the_catalog(tiny_model_and_tokenizer, ti
     result = evaluate_scorer(dpmoe_scorer(dp, tok, 64), rows, [i for i, _ in tiny_items], batch_size=2,
                              progress=False, num_negatives=5)
     assert set(result.metrics) == {"search", "rec"}
+
+
+def test_semantic_view_takes_titles_from_the_catalog_when_the_prompt_shows_tokens_only(
+        tiny_model_and_tokenizer, tiny_items) -> None:
+    model, tok = tiny_model_and_tokenizer
+    add_item_tokens(model, tok, tiny_items)
+    prompt = format_prompt("rec", tiny_items[:3], None, 0)  # data.title_max_words: 0
+    assert view_entries(prompt.split("History: ", 1)[1].split(". Next")[0])["semantic"] == ["", "", ""]
+    titles = dict(tiny_items)
+    views = view_entries(prompt.split("History: ", 1)[1].split(". Next")[0], titles, title_words=2)
+    assert views["semantic"] == [" ".join(t.split()[:2]) for _, t in tiny_items[:3]]
+    ids, segment = encode_views(tok, prompt, 128, titles, 2)["semantic"]
+    history = tok.decode([t for t, s in zip(ids, segment, strict=True) if s])
+    assert tiny_items[2][1].split()[0] in history and "<item_" not in history

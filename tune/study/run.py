@@ -160,8 +160,9 @@ def load_tuned(cfg: JobConfig, checkpoint: Path, items: pl.DataFrame) -> tuple[t
 
         model = PeftModel.from_pretrained(model, str(checkpoint / "model")).merge_and_unload()
     elif cfg.gems.method == "dpmoe":
-        model = DPMoEModel(model, cfg.dpmoe, cfg.gems.target_modules, item_token_ids(
-            tokenizer, [str(i) for i in items["item_id"].to_list()]))
+        ids = [str(i) for i in items["item_id"].to_list()]
+        model = DPMoEModel(model, cfg.dpmoe, cfg.gems.target_modules, item_token_ids(tokenizer, ids),
+                           dict(zip(ids, items["title"].to_list(), strict=True)))
         load_model_weights(model, checkpoint)
     else:
         load_model_weights(model, checkpoint)

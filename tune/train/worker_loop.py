@@ -19,7 +19,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -150,11 +150,14 @@ def training_examples(train: pl.DataFrame, tokenizer: Any, max_len: int,
             for task in TASKS}
 
 
-def dual_view_examples(train: pl.DataFrame, tokenizer: Any, max_len: int, item_ids: Sequence[str]
-                       ) -> dict[str, LazyEncoded[dict[str, Any]]]:
-    """DPMoE's examples (both views of each prompt and the answer's catalog column), per task in
-    example_id order, encoded lazily like :func:`training_examples`."""
-    encode = dual_view_encoder(tokenizer, max_len, {item: i for i, item in enumerate(item_ids)})
+def dual_view_examples(train: pl.DataFrame, tokenizer: Any, max_len: int, items: pl.DataFrame,
+                       title_words: int) -> dict[str, LazyEncoded[dict[str, Any]]]:
+    """DPMoE's examples (both views of each prompt, history titles from ``items``, and the answer's
+    catalog column), per task in example_id order, encoded lazily like :func:`training_examples`."""
+    item_ids = [str(i) for i in items["item_id"].to_list()]
+    titles = dict(zip(item_ids, items["title"].to_list(), strict=True))
+    encode = dual_view_encoder(tokenizer, max_len, {item: i for i, item in enumerate(item_ids)}, titles,
+                               title_words)
     ordered = train.sort("example_id")
     return {task: LazyEncoded(ordered.filter(pl.col("task") == task).to_dicts(), encode) for task in TASKS}
 
@@ -349,7 +352,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                           item_lr_scale=tc.item_lr_scale, item_weight_decay=tc.item_weight_decay,
                           item_decay_to=tc.item_decay_to, history_weight=tc.history_targets,
                           weighting=TokenWeighting(tc.token_weighting, tc.weighting_tau, tc.weighting_norm),
-                          dpmoe=cfg.dpmoe)
+                          dpmoe=cfg.dpmoe,
+                          item_titles=dict(zip(item_ids, items["title"].to_list(), strict=True)))
     train_model: torch.nn.Module = method.model
     if tc.compile:
         log.info("compiled %d decoder layers (the first step pays for compilation)",
@@ -362,7 +366,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                       if tc.history_targets > 0 else None)
     train_rows = dataset_frame("train", TRAIN_COLUMNS)
     dual_view = isinstance(method, DPMoEMethod)
-    examples = (dual_view_examples(train_rows, tokenizer, tc.max_seq_len, item_ids) if dual_view else
+    examples = (dual_view_examples(train_rows, tokenizer, tc.max_seq_len, items, cfg.dpmoe.title_words)
+                if dual_view else
                 training_examples(train_rows, tokenizer, tc.max_seq_len, history_tokens))
     # Prompt characters stand in for token counts when grouping by length: no tokenization upfront.
     lengths = {task: [len(row["prompt"]) for row in rows.rows] for task, rows in examples.items()}
