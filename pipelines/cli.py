@@ -119,6 +119,7 @@ def start_ray(num_cpus: int | None = None, *, dashboard: bool | None = False,
         if os.environ.get("RAY_ADDRESS", "").startswith("http"):
             os.environ.pop("RAY_ADDRESS")
         address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=dashboard,
+    # "local": a new instance of our own, even when a `ray start` head runs on the machine
+    ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=dashboard,
              ignore_reinit_error=True, log_to_driver=driver_logs,
              runtime_env=None if address else local_runtime_env(dashboard))

@@ -74,7 +74,9 @@ def ensure_ray(cfg: JobConfig) -> None:
     """A local Ray big enough for one training run (workers x CPUs) if none is running."""
     if not ray.is_initialized():
         cpus = max(2, math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker))
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=local_runtime_env(False))
+        # "local": our own instance, even when a `ray start` head runs on the machine (tune.local_ray)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                 runtime_env=local_runtime_env(False))
 
 
 def prepare_shards(cfg: JobConfig) -> tuple[Path, dict[str, Any]]:
