@@ -24,7 +24,7 @@ import yaml
 from gems.config import ConfigError
 from pipelines.preflight import job_config
 from tune.config import JobConfig, load_config
-from tune.local_ray import local_runtime_env
+from tune.local_ray import init_address, local_runtime_env
 
 SMOKE_DIR = Path(__file__).resolve().parent / "configs" / "smoke"
 LOG_FORMAT = "%(asctime)s %(name)s %(message)s"
@@ -114,12 +114,10 @@ def start_ray(num_cpus: int | None = None, *, dashboard: bool | None = False,
     """
     import ray
 
-    address = None
-    if join_env_cluster:
-        if os.environ.get("RAY_ADDRESS", "").startswith("http"):
-            os.environ.pop("RAY_ADDRESS")
-        address = os.environ.get("RAY_ADDRESS") or None
-    # "local": a new instance of our own, even when a `ray start` head runs on the machine
-    ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=dashboard,
+    if join_env_cluster and os.environ.get("RAY_ADDRESS", "").startswith("http"):
+        os.environ.pop("RAY_ADDRESS")
+    address = init_address()  # RAY_ADDRESS's cluster (``ray job submit``), else a local instance
+    local = address == "local"
+    ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=dashboard,
              ignore_reinit_error=True, log_to_driver=driver_logs,
-             runtime_env=None if address else local_runtime_env(dashboard))
+             runtime_env=local_runtime_env(dashboard) if local else None)

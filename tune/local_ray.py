@@ -18,6 +18,7 @@ Ray's defaults: there the dashboard runs and the cleaner works.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
@@ -26,6 +27,13 @@ PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.pl
 def quiet_state_api_polling() -> None:
     """Worker set-up hook: no per-second warning when the State API is absent (errors still show)."""
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+def init_address() -> str | None:
+    """``ray.init``'s address for a job that does not name a cluster: the one RAY_ADDRESS names (a
+    job under ``ray job submit`` runs with it set), else ``"local"``: a new instance of the job's
+    own, never a ``ray start`` head that happens to run on the machine."""
+    return None if os.environ.get("RAY_ADDRESS") else "local"
 
 
 #: Where the cleaner's State API client goes on a local cluster: a host that never resolves.

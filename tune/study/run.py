@@ -46,7 +46,7 @@ from gems.sasrec_config import SASRecConfig
 from gems.sasrec_floor import evaluate_sasrec
 from gems.tasks import TASKS
 from tune.config import JobConfig
-from tune.local_ray import local_runtime_env
+from tune.local_ray import init_address, local_runtime_env
 from tune.registry.run_params import config_params
 from tune.registry.tracking import log_run_context, parent_run, run_tags, setup_tracking
 from tune.study import results as res
@@ -74,9 +74,10 @@ def ensure_ray(cfg: JobConfig) -> None:
     """A local Ray big enough for one training run (workers x CPUs) if none is running."""
     if not ray.is_initialized():
         cpus = max(2, math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker))
-        # "local": our own instance, even when a `ray start` head runs on the machine (tune.local_ray)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                 runtime_env=local_runtime_env(False))
+        address = init_address()  # RAY_ADDRESS's cluster, else an instance of our own (tune.local_ray)
+        local = address == "local"
+        ray.init(address=address, num_cpus=cpus if local else None, include_dashboard=False,
+                 runtime_env=local_runtime_env(False) if local else None)
 
 
 def prepare_shards(cfg: JobConfig) -> tuple[Path, dict[str, Any]]:
