@@ -155,3 +155,22 @@ def test_the_config_refuses_what_changes_dpmoes_loss_and_leaves_out_what_does_no
     # item-row and history-target options of a shared budget do not apply: the config still loads
     cfg = load_config("tiny", ["gems.method=dpmoe", "train.history_targets=4", "train.item_lr_scale=3"])
     assert cfg.gems.method == "dpmoe" and cfg.dpmoe.top_k == 2
+
+
+def test_experts_no_row_uses_are_skipped_without_changing_the_output() -> None:
+    from gems.dpmoe import MoELoRALinear, _Routing
+
+    torch.manual_seed(0)
+    routing = _Routing()
+    layer = MoELoRALinear(torch.nn.Linear(6, 5), n_experts=4, rank=2, alpha=4.0, routing=routing)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    x = torch.randn(3, 7, 6)
+    routing.gates = torch.tensor([[1.0, 0.7, 0.0, 0.0], [1.0, 0.0, 0.0, 0.4], [1.0, 0.2, 0.0, 0.8]])
+    got = layer(x)
+    g = routing.gates
+    dense = layer.base(x) + 2.0 * sum(g[:, e, None, None] * (x @ layer.lora_a[e].T @ layer.lora_b[e].T)
+                                      for e in range(4))
+    assert torch.allclose(got, dense, atol=1e-5)
+    got.sum().backward()
+    assert torch.equal(layer.lora_a.grad[2], torch.zeros_like(layer.lora_a.grad[2]))  # expert 2 unused
