@@ -33,7 +33,7 @@ from gems.prompts import (
     short_title,
     user_turn_template,
 )
-from gems.scoring import ScoreBatch
+from gems.scoring import ScoreBatch, left_pad
 
 _TOKEN = re.compile(re.escape(ITEM_TOKEN_PREFIX) + r"[^>]*>")
 
@@ -93,15 +93,8 @@ def encode_views(tokenizer: Any, prompt: str, max_len: int, titles: Mapping[str,
 
 def collate_view(encoded: Sequence[EncodedView], pad_token_id: int) -> ViewBatch:
     """Left-padded batch of one view (the last position ends every prompt, as in scoring)."""
-    width = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(encoded), width), dtype=torch.long)
-    history = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, (ids, segment) in enumerate(encoded):
-        n = len(ids)
-        input_ids[row, width - n:] = torch.tensor(ids, dtype=torch.long)
-        attention[row, width - n:] = 1
-        history[row, width - n:] = torch.tensor(segment, dtype=torch.long)
+    input_ids, attention = left_pad([ids for ids, _ in encoded], pad_token_id)
+    history, _ = left_pad([segment for _, segment in encoded], 0)
     return ViewBatch(input_ids, attention, attention * (1 - history), history)
 
 

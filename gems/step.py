@@ -63,6 +63,11 @@ class TaskBatch:
                              f"got shape {tuple(w.shape)}")
 
     @property
+    def tokens(self) -> tuple[int, int]:
+        """(real tokens, tokens incl. padding)."""
+        return int(self.attention_mask.sum()), self.attention_mask.numel()
+
+    @property
     def target_tokens(self) -> int:
         """Tokens that carry a loss (labels are shifted by one inside the model's causal LM loss)."""
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())

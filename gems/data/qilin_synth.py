@@ -16,7 +16,6 @@ Run: python -m gems.data.qilin_synth --users 1000000 --items 1000000 --days 1 --
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import polars as pl
 
-from gems.data.simulate import MARKER, SimulationParams, simulate
+from gems.data.simulate import MARKER, SimulationParams, parse_simulation_args, print_summary, simulate
 
 QILIN_MARKER = "qilin_synth.json"
 ROWS_PER_CSV = 200_000
@@ -121,18 +120,8 @@ def write_qilin(out: str | Path, params: SimulationParams, rows_per_file: int = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m gems.data.qilin_synth", description=__doc__.split("\n")[0])
-    ap.add_argument("--users", type=int, required=True)
-    ap.add_argument("--items", type=int, required=True, help="notes on day 0")
-    ap.add_argument("--days", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--events-per-user-day", type=float, default=12.0)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    params = SimulationParams(users=args.users, items=args.items, days=args.days, seed=args.seed,
-                              events_per_user_day=args.events_per_user_day)
-    summary = write_qilin(args.out, params)
-    print(json.dumps({k: v for k, v in summary.items() if k != "params"}, indent=2))
+    params, out = parse_simulation_args("python -m gems.data.qilin_synth", __doc__.split("\n")[0], argv)
+    print_summary(write_qilin(out, params))
 
 
 if __name__ == "__main__":

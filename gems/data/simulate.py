@@ -271,8 +271,10 @@ def simulate(out: str | Path, params: SimulationParams, rows_per_file: int = ROW
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m gems.data.simulate", description=__doc__.split("\n")[0])
+def parse_simulation_args(prog: str, description: str, argv: list[str] | None
+                          ) -> tuple[SimulationParams, str]:
+    """(params, --out) from a command line; shared by the simulator's CLIs."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--users", type=int, required=True)
     ap.add_argument("--items", type=int, required=True, help="catalog size on day 0")
     ap.add_argument("--days", type=int, default=1)
@@ -284,8 +286,16 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = SimulationParams(users=args.users, items=args.items, days=args.days, seed=args.seed,
                               events_per_user_day=args.events_per_user_day, start_date=args.start_date)
-    summary = simulate(args.out, params)
+    return params, args.out
+
+
+def print_summary(summary: dict[str, object]) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "params"}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    params, out = parse_simulation_args("python -m gems.data.simulate", __doc__.split("\n")[0], argv)
+    print_summary(simulate(out, params))
 
 
 if __name__ == "__main__":

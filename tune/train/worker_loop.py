@@ -38,7 +38,7 @@ from gems.checkpoint import TrainerState, load_training_checkpoint, save_trainin
 from gems.compile import compile_decoder_layers
 from gems.config import Config
 from gems.costs import optimizer_state_mb, peak_rss_gb
-from gems.dpmoe_method import DPMoEMethod, DualViewBatch, collate_dual_view, dual_view_encoder
+from gems.dpmoe_method import DPMoEMethod, collate_dual_view, dual_view_encoder
 from gems.evaluate import evaluate_with_config
 from gems.evaluate_fused import evaluate_with_bm25_fusion
 from gems.flow_pass import base_losses, flow_example_weights
@@ -145,6 +145,13 @@ def training_examples(train: pl.DataFrame, tokenizer: Any, max_len: int,
             return TokenizedExample(ids, labels)
         return encode
 
+    return _per_task(train, encoder)
+
+
+def _per_task(train: pl.DataFrame, encoder: Callable[[str], Callable[[dict[str, Any]], Any]]
+              ) -> dict[str, LazyEncoded[dict[str, Any]]]:
+    """Each task's rows in example_id order (independent of Ray Data's block order), encoded lazily
+    by that task's encoder."""
     ordered = train.sort("example_id")
     return {task: LazyEncoded(ordered.filter(pl.col("task") == task).to_dicts(), encoder(task))
             for task in TASKS}
@@ -158,8 +165,7 @@ def dual_view_examples(train: pl.DataFrame, tokenizer: Any, max_len: int, items:
     titles = dict(zip(item_ids, items["title"].to_list(), strict=True))
     encode = dual_view_encoder(tokenizer, max_len, {item: i for i, item in enumerate(item_ids)}, titles,
                                title_words)
-    ordered = train.sort("example_id")
-    return {task: LazyEncoded(ordered.filter(pl.col("task") == task).to_dicts(), encode) for task in TASKS}
+    return _per_task(train, lambda task: encode)
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -211,9 +217,7 @@ class MetricWindow:
 
 def _batch_tokens(batches: Mapping[str, list[Any]]) -> tuple[int, int]:
     """(real tokens, tokens incl. padding) of one step's micro-batches (both views of DPMoE's)."""
-    counts = [mb.tokens if isinstance(mb, DualViewBatch) else
-              (int(mb.attention_mask.sum()), int(mb.attention_mask.numel()))
-              for mbs in batches.values() for mb in mbs]
+    counts = [mb.tokens for mbs in batches.values() for mb in mbs]
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
